@@ -1,0 +1,71 @@
+"""stagetrain: two-stage and multi-stage curriculum training for PyTorch.
+
+Declare stages (data or mixtures, loss, optimizer and LR policy, hand-off, duration),
+train through them with :func:`fit` or your own loop, resume exactly, and compare
+against honest baselines.
+"""
+
+from stagetrain.checkpoint import CheckpointStore, load_checkpoint
+from stagetrain.config import (
+    CurriculumConfig,
+    DataConfig,
+    EvalConfig,
+    LossTerm,
+    ModelConfig,
+    OptimizerConfig,
+    SourceConfig,
+    StageConfig,
+    load_config,
+    parse_config,
+)
+from stagetrain.curriculum import Curriculum, Stage, StepInfo, TrainState
+from stagetrain.data import TensorPairDataset
+from stagetrain.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    StageTrainError,
+    TrainingError,
+)
+from stagetrain.handoff import apply_freeze, apply_handoff
+from stagetrain.loop import FitResult, RunContext, fit
+from stagetrain.plan import Plan, make_plan
+from stagetrain.time import Duration, TimeContext, TimeUnit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointStore",
+    "ConfigError",
+    "Curriculum",
+    "CurriculumConfig",
+    "DataConfig",
+    "DataError",
+    "Duration",
+    "EvalConfig",
+    "FitResult",
+    "LossTerm",
+    "ModelConfig",
+    "OptimizerConfig",
+    "Plan",
+    "RunContext",
+    "SourceConfig",
+    "Stage",
+    "StageConfig",
+    "StageTrainError",
+    "StepInfo",
+    "TensorPairDataset",
+    "TimeContext",
+    "TimeUnit",
+    "TrainState",
+    "TrainingError",
+    "__version__",
+    "apply_freeze",
+    "apply_handoff",
+    "fit",
+    "load_checkpoint",
+    "load_config",
+    "make_plan",
+    "parse_config",
+]

@@ -1,0 +1,108 @@
+"""Run logs: JSONL always, TensorBoard when it is installed.
+
+Every record carries ``type``, ``step`` (global, completed steps), ``stage`` (name) and
+``stage_step``; training records carry ``loss`` and ``lr``. A checkpoint stores how
+many JSONL lines existed when it was taken, and resume truncates the file back to
+that point, so a resumed run's log equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from stagetrain.checkpoint import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSONL log (a torn last line from a kill is ignored)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class RunLogger:
+    """Writes the records of one run (only rank 0 writes; other ranks pass ``enabled=False``).
+
+    Args:
+        run_dir: the run directory.
+        enabled: False on non-zero ranks.
+        resume_lines: when resuming, the number of JSONL lines to keep.
+        tensorboard: write TensorBoard events too when the package is available.
+        purge_step: on resume, TensorBoard events after this step are dropped.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        resume_lines: int | None = None,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self.lines = 0
+        self._tb: Any = None
+        if not enabled:
+            return
+        if resume_lines is not None and self.path.exists():
+            kept = self.path.read_text().splitlines()[:resume_lines]
+            atomic_write(self.path, lambda f: f.write("".join(x + "\n" for x in kept).encode()))
+            self.lines = len(kept)
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: JSONL only
+                pass
+            else:
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record (flushed at once so that a kill loses at most this line)."""
+        if not self.enabled:
+            return
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        self.lines += 1
+        if self._tb is not None:
+            self._write_tensorboard(clean)
+
+    def _write_tensorboard(self, record: dict[str, Any]) -> None:
+        kind, step = record.get("type"), record.get("step", 0)
+        prefix = {"train": "train", "eval": f"eval/{record.get('name')}"}.get(str(kind))
+        if prefix is None:
+            if kind == "stage_start":
+                self._tb.add_scalar("curriculum/stage_index", record.get("stage_index", 0), step)
+            return
+        for key, value in record.items():
+            if key in ("step", "stage_step", "stage_index", "name", "type"):
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value

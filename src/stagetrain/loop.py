@@ -1,0 +1,489 @@
+"""The built-in training loop: :func:`fit` runs a curriculum from start or checkpoint to end.
+
+Plain PyTorch: one forward, one backward and one optimizer step per step; the loss is
+read back to the host only at logging intervals, so the loop never stalls the device
+in between. Everything the curriculum decides (batch, loss, LR, stage) comes from
+:class:`~stagetrain.curriculum.Curriculum`, the same object a user's own loop drives.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from stagetrain.checkpoint import CheckpointStore, atomic_write, rng_state, set_rng_state
+from stagetrain.config import CurriculumConfig, config_diff, load_config
+from stagetrain.curriculum import Curriculum, Stage, TrainState
+from stagetrain.errors import CheckpointError, StageTrainError, TrainingError
+from stagetrain.evaluation import evaluate, finalize_metrics
+from stagetrain.handoff import apply_freeze, apply_handoff, build_optimizer
+from stagetrain.logs import RunLogger
+from stagetrain.time import Duration, TimeUnit
+
+OnChange = Literal["refuse", "keep-position", "restart-stage"]
+
+
+class Callback(Protocol):
+    """Hooks of the loop; implement any subset (missing methods are skipped).
+
+    Methods: ``on_stage_start(run)``, ``on_step_end(run)``, ``on_eval(run, name, metrics)``,
+    ``on_checkpoint(run, path)``, ``on_stage_end(run)``, ``on_fit_end(run)``; ``run`` is the
+    :class:`RunContext`.
+    """
+
+
+@dataclass
+class RunContext:
+    """What callbacks see: the live objects of the run."""
+
+    curriculum: Curriculum
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    run_dir: Path
+    stage: Stage
+    last_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit`: final counters, last metrics per evaluation, run directory."""
+
+    state: TrainState
+    metrics: dict[str, dict[str, float]]
+    run_dir: Path
+
+
+class _Interval:
+    """'Every N units' as a crossing test on the run's counters.
+
+    Steps, samples and tokens are global (so arms of a comparison evaluate at the same
+    amount of data); epochs and fractions are converted per stage.
+    """
+
+    def __init__(self, text: str | None) -> None:
+        self.duration = Duration.parse(text, field="every") if text else None
+
+    def due(self, before: TrainState, after: TrainState, stage: Stage) -> bool:
+        if self.duration is None:
+            return False
+        unit = self.duration.unit
+        if unit in (TimeUnit.STEP, TimeUnit.SAMPLE, TimeUnit.TOKEN):
+            attr = {TimeUnit.STEP: "step", TimeUnit.SAMPLE: "samples", TimeUnit.TOKEN: "tokens"}[unit]
+            every = self.duration.value
+            return math.floor(getattr(after, attr) / every) > math.floor(getattr(before, attr) / every)
+        every_steps = stage.context.to_steps(self.duration, field="every")
+        return after.stage_step % every_steps == 0
+
+
+def default_run_dir(name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{name}-{stamp}"
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before training when the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise StageTrainError(f"{run_dir}: run directory is not writable ({exc.strerror})") from None
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def fit(
+    model: torch.nn.Module,
+    curriculum: Curriculum | CurriculumConfig | str | Path,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    on_change: OnChange = "refuse",
+    datasets: Mapping[str, Any] | None = None,
+    teacher: torch.nn.Module | None = None,
+    device: str | torch.device | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+    tensorboard: bool = True,
+    stop_after: int | None = None,
+) -> FitResult:
+    """Train ``model`` through every stage of ``curriculum``.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch's inputs to outputs (logits).
+        curriculum: a built :class:`Curriculum`, a config, or a path to a YAML/TOML file.
+        run_dir: where config, logs and checkpoints go (default ``runs/<name>-<time>``).
+        resume: continue from the newest intact checkpoint in ``run_dir``.
+        on_change: when the curriculum differs from the checkpoint's: ``refuse`` (default,
+            lists what changed), ``keep-position`` (same stage and stage-local step under
+            the new curriculum) or ``restart-stage`` (the current stage starts over).
+        datasets: in-memory datasets named ``"@name"`` in the config.
+        teacher: frozen model for ``kl_distill`` loss terms.
+        device: defaults to CUDA when available, else CPU.
+        callbacks: objects with any of the :class:`Callback` methods.
+        progress: show a progress bar.
+        tensorboard: write TensorBoard events (when the package is installed).
+        stop_after: stop (without a final checkpoint) once this many global steps are done;
+            used to simulate an interrupted run.
+
+    Returns:
+        A :class:`FitResult`.
+    """
+    if not isinstance(curriculum, Curriculum):
+        config = curriculum if isinstance(curriculum, CurriculumConfig) else load_config(curriculum)
+        curriculum = Curriculum(config, datasets=datasets, has_teacher=teacher is not None)
+    config = curriculum.config
+    rank, world_size = _distributed()
+    is_main = rank == 0
+    run_path = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
+    if resume and not run_path.is_dir():
+        raise CheckpointError(f"{run_path}: no such run directory to resume")
+    if is_main:
+        check_writable(run_path)
+    dev = torch.device(device) if device is not None else _default_device()
+    model.to(dev)
+    if teacher is not None:
+        teacher.to(dev).eval()
+    store = CheckpointStore(run_path / "checkpoints", keep=config.checkpoint.keep)
+    trainable_at_start = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = TrainState()
+    optimizer: torch.optim.Optimizer | None = None
+    resume_lines: int | None = None
+    if resume:
+        payload, _entry = store.load_latest()
+        state = _check_resume(payload, curriculum, on_change)
+        model.load_state_dict(payload["model"])
+        opt_cfg = curriculum.stages[min(state.stage_index, len(curriculum.stages) - 1)].config.optimizer
+        assert opt_cfg is not None
+        optimizer = build_optimizer(model.parameters(), opt_cfg)
+        optimizer.load_state_dict(payload["optimizer"])
+        set_rng_state(payload["rng"])
+        resume_lines = int(payload["log_lines"])
+    else:
+        torch.manual_seed(config.seed)
+    if is_main:
+        atomic_write(
+            run_path / "config.yaml",
+            lambda f: f.write(yaml.safe_dump(config.to_dict(), sort_keys=False).encode()),
+        )
+    logger = RunLogger(
+        run_path,
+        enabled=is_main,
+        resume_lines=resume_lines,
+        tensorboard=tensorboard,
+        purge_step=state.step if resume else None,
+    )
+    loop = _Loop(
+        curriculum, model, optimizer, state, run_path, store, logger, dev, teacher,
+        list(callbacks), rank, world_size, trainable_at_start,
+    )
+    try:
+        loop.run(progress=progress and is_main, stop_after=stop_after)
+    finally:
+        logger.close()
+    return FitResult(loop.state, loop.last_metrics, run_path)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_resume(payload: dict[str, Any], curriculum: Curriculum, on_change: OnChange) -> TrainState:
+    """The state to continue from, after checking the curriculum did not change."""
+    state = TrainState.from_dict(payload["state"])
+    if payload["fingerprint"] == curriculum.config.fingerprint():
+        return state
+    changes = config_diff(json.loads(payload["config"]), curriculum.config.fingerprint_dict())
+    listing = "; ".join(changes[:20]) + (f"; ... ({len(changes)} in all)" if len(changes) > 20 else "")
+    if on_change == "refuse":
+        raise CheckpointError(
+            f"the curriculum changed since the checkpoint: {listing}. Pass "
+            "--on-change keep-position (continue at the same stage and stage step) or "
+            "--on-change restart-stage (start the current stage over) to continue anyway"
+        )
+    if state.stage_index >= len(curriculum.stages):
+        raise CheckpointError(
+            f"the checkpoint is in stage {state.stage_index}, but the new curriculum has "
+            f"{len(curriculum.stages)} stages"
+        )
+    if on_change == "restart-stage":
+        state.stage_step = 0
+    elif state.stage_step >= curriculum.stages[state.stage_index].steps:
+        raise CheckpointError(
+            f"the checkpoint is at step {state.stage_step} of stage "
+            f"{curriculum.stages[state.stage_index].name!r}, past its new length"
+        )
+    return state
+
+
+class _Loop:
+    """The state machine behind :func:`fit` (one instance per call)."""
+
+    def __init__(
+        self,
+        curriculum: Curriculum,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        state: TrainState,
+        run_dir: Path,
+        store: CheckpointStore,
+        logger: RunLogger,
+        device: torch.device,
+        teacher: torch.nn.Module | None,
+        callbacks: list[Any],
+        rank: int,
+        world_size: int,
+        trainable_at_start: dict[str, bool],
+    ) -> None:
+        self.curriculum = curriculum
+        self.config = curriculum.config
+        self.model = model
+        self.optimizer = optimizer
+        self.state = state
+        self.run_dir = run_dir
+        self.store = store
+        self.logger = logger
+        self.device = device
+        self.teacher = teacher
+        self.callbacks = callbacks
+        self.rank = rank
+        self.world_size = world_size
+        self.is_main = rank == 0
+        self.trainable_at_start = trainable_at_start
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self.checkpoint_every = _Interval(self.config.checkpoint.every)
+        self._clock_start = time.perf_counter()
+        self._elapsed_base = state.elapsed_s
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return self._elapsed_base + time.perf_counter() - self._clock_start
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self._context(), *args)
+
+    def _context(self) -> RunContext:
+        assert self.optimizer is not None
+        stage = self.curriculum.stages[min(self.state.stage_index, len(self.curriculum.stages) - 1)]
+        return RunContext(
+            self.curriculum, self.model, self.optimizer, self.state, self.run_dir, stage,
+            self.last_metrics,
+        )
+
+    def _record(self, kind: str, stage: Stage, **fields: Any) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "step": self.state.step,
+            "stage": stage.name,
+            "stage_step": self.state.stage_step,
+            **fields,
+        }
+
+    # --- the run ----------------------------------------------------------------------
+
+    def run(self, *, progress: bool, stop_after: int | None) -> None:
+        stages = self.curriculum.stages
+        bar = tqdm(
+            total=self.curriculum.total_steps,
+            initial=self.state.step,
+            disable=not progress,
+            dynamic_ncols=True,
+            unit="step",
+        )
+        try:
+            while self.state.stage_index < len(stages):
+                stage = stages[self.state.stage_index]
+                self._enter_stage(stage)
+                bar.set_description(f"[{stage.index + 1}/{len(stages)}] {stage.name}")
+                if not self._train_stage(stage, bar, stop_after):
+                    return
+                self._finish_stage(stage)
+            self._emit("on_fit_end")
+            if self.is_main:
+                summary = {
+                    "status": "completed",
+                    "state": self.state.to_dict(),
+                    "metrics": self.last_metrics,
+                }
+                atomic_write(
+                    self.run_dir / "summary.json",
+                    lambda f: f.write(json.dumps(summary, indent=1).encode()),
+                )
+        finally:
+            bar.close()
+
+    def _enter_stage(self, stage: Stage) -> None:
+        cfg = stage.config
+        if self.state.stage_step == 0:
+            self.optimizer = apply_handoff(
+                self.optimizer, self.model, cfg, first_stage=stage.index == 0
+            )
+            self.logger.log(
+                self._record(
+                    "stage_start",
+                    stage,
+                    stage_index=stage.index,
+                    handoff=cfg.handoff if stage.index else "start",
+                    planned_steps=stage.steps,
+                    samples=self.state.samples,
+                    tokens=self.state.tokens,
+                    time=self._elapsed(),
+                )
+            )
+            self._emit("on_stage_start")
+        assert self.optimizer is not None
+        apply_freeze(
+            self.model, cfg.freeze, self.trainable_at_start, field=f"stages[{stage.index}].freeze"
+        )
+
+    def _train_stage(self, stage: Stage, bar: Any, stop_after: int | None) -> bool:
+        """Run the stage's remaining steps; False when stopped early by ``stop_after``."""
+        assert self.optimizer is not None and stage.config.optimizer is not None
+        optimizer, model, state = self.optimizer, self.model, self.state
+        grad_clip = stage.config.optimizer.grad_clip
+        tokens_per_step = stage.context.tokens(1)
+        evals = [(ev, _Interval(ev.every or self.config.eval_every)) for ev in self.curriculum.evals_for(stage)]
+        model.train()
+        for stage_step in range(state.stage_step, stage.steps):
+            inputs, targets = stage.batch(stage_step, self.rank, self.world_size)
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            lr = stage.lr(stage_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            output = model(inputs)
+            teacher_output = None
+            if stage.loss.needs_teacher:
+                assert self.teacher is not None
+                with torch.no_grad():
+                    teacher_output = self.teacher(inputs)
+            loss, terms = stage.loss(output, targets, teacher_output)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            before = TrainState(**state.to_dict())
+            state.step += 1
+            state.stage_step += 1
+            state.samples += stage.batch_size
+            state.tokens += tokens_per_step
+            bar.update(1)
+            if state.step % self.config.log_every == 0 or state.stage_step == stage.steps:
+                self._log_train(stage, loss, terms, lr, bar)
+            self._emit("on_step_end")
+            for ev, interval in evals:
+                if interval.due(before, state, stage) and state.stage_step != stage.steps:
+                    self._evaluate(stage, ev)
+            if self.checkpoint_every.due(before, state, stage) and state.stage_step != stage.steps:
+                self._checkpoint(stage)
+            if stop_after is not None and state.step >= stop_after:
+                return False
+        return True
+
+    def _log_train(
+        self, stage: Stage, loss: torch.Tensor, terms: dict[str, torch.Tensor], lr: float, bar: Any
+    ) -> None:
+        value = float(loss.detach())  # the one host sync, at logging intervals only
+        term_values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()} if len(terms) > 1 else {}
+        if not math.isfinite(value):
+            bad = [k for k, v in terms.items() if not math.isfinite(float(v.detach()))]
+            raise TrainingError(
+                f"non-finite loss {value} at step {self.state.step} in stage {stage.name!r} "
+                f"(stage step {self.state.stage_step}); terms at fault: {bad or list(terms)}"
+            )
+        self.logger.log(
+            self._record(
+                "train",
+                stage,
+                loss=value,
+                lr=lr,
+                samples=self.state.samples,
+                tokens=self.state.tokens,
+                time=self._elapsed(),
+                **term_values,
+            )
+        )
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+    def _evaluate(self, stage: Stage, ev: Any) -> dict[str, float]:
+        dataset = self.curriculum.eval_dataset(ev)
+        sums = evaluate(
+            self.model, dataset, metrics=list(ev.metrics), loss_name=ev.loss,
+            batch_size=ev.batch_size, max_samples=ev.max_samples, seq_len=stage.config.seq_len,
+            device=self.device, rank=self.rank, world_size=self.world_size,
+        )
+        if self.world_size > 1:
+            for value in sums.values():
+                torch.distributed.all_reduce(value)
+        metrics = finalize_metrics(sums, list(ev.metrics))
+        self.last_metrics[ev.name] = metrics
+        self.logger.log(
+            self._record(
+                "eval", stage, name=ev.name, samples=self.state.samples,
+                tokens=self.state.tokens, time=self._elapsed(), **metrics,
+            )
+        )
+        self._emit("on_eval", ev.name, metrics)
+        return metrics
+
+    def _finish_stage(self, stage: Stage) -> None:
+        for ev in self.curriculum.evals_for(stage):
+            self._evaluate(stage, ev)
+        self.logger.log(
+            self._record(
+                "stage_end", stage, reason="duration", samples=self.state.samples,
+                tokens=self.state.tokens, time=self._elapsed(),
+            )
+        )
+        self._emit("on_stage_end")
+        self.state.stage_index += 1
+        self.state.stage_step = 0
+        # A boundary checkpoint holds the next stage at step 0: resume applies its hand-off.
+        self._checkpoint(stage)
+
+    def _checkpoint(self, stage: Stage) -> None:
+        assert self.optimizer is not None
+        self.state.elapsed_s = self._elapsed()
+        if self.is_main:
+            payload = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "state": self.state.to_dict(),
+                "rng": rng_state(),
+                "fingerprint": self.config.fingerprint(),
+                "config": json.dumps(self.config.fingerprint_dict()),
+                "log_lines": self.logger.lines,
+                "world_size": self.world_size,
+            }
+            path = self.store.save(payload, step=self.state.step, stage=stage.name)
+            self._emit("on_checkpoint", path)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def env_rank() -> int:
+    """This process's rank from the launcher's environment (0 when not launched)."""
+    return int(os.environ.get("RANK", "0"))

@@ -1,0 +1,1 @@
+"""Built-in tasks whose data stagetrain generates itself (nothing is downloaded)."""

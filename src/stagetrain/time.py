@@ -1,0 +1,146 @@
+"""Time units, parsed and converted in one place.
+
+A duration is written as a number followed by a unit:
+
+====== ===================================== ===========
+unit   meaning                               example
+====== ===================================== ===========
+``ba`` optimizer steps (batches)              ``"500ba"``
+``sp`` samples                                ``"64000sp"``
+``tok`` tokens                                ``"1e6tok"``
+``ep`` epochs over the stage's data           ``"2ep"``
+``dur`` fraction of the enclosing span        ``"0.5dur"``
+====== ===================================== ===========
+
+``dur`` is relative to whatever encloses the duration: a stage's ``duration`` is a
+fraction of the curriculum's ``total``; a length inside a stage's schedule is a
+fraction of that stage.
+
+Every conversion to steps goes through :meth:`TimeContext.to_steps`, so there is
+exactly one place that knows how a sample, a token or an epoch relates to a step.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from stagetrain.errors import ConfigError
+
+
+class TimeUnit(str, Enum):
+    """The units a :class:`Duration` can be written in."""
+
+    STEP = "ba"
+    SAMPLE = "sp"
+    TOKEN = "tok"
+    EPOCH = "ep"
+    FRACTION = "dur"
+
+
+_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(ba|sp|tok|ep|dur)\s*$")
+
+
+@dataclass(frozen=True)
+class Duration:
+    """An amount of training time in one :class:`TimeUnit`.
+
+    Example:
+        >>> Duration.parse("1e6tok")
+        Duration(value=1000000.0, unit=<TimeUnit.TOKEN: 'tok'>)
+        >>> str(Duration.parse("500ba"))
+        '500ba'
+    """
+
+    value: float
+    unit: TimeUnit
+
+    @classmethod
+    def parse(cls, text: str | Duration, *, field: str = "duration") -> Duration:
+        """Parse ``"500ba"``-style text; ``field`` names the config field in errors."""
+        if isinstance(text, Duration):
+            return text
+        where = f"{field}: " if field else ""
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"{where}expected a duration string like '500ba', '2ep', '1e6tok' or "
+                f"'0.5dur', got {type(text).__name__} {text!r}"
+            )
+        match = _DURATION_RE.match(text)
+        if match is None:
+            raise ConfigError(
+                f"{where}cannot parse {text!r}; expected a number followed by one of "
+                "ba (steps), sp (samples), tok (tokens), ep (epochs), dur (fraction)"
+            )
+        value = float(match.group(1))
+        unit = TimeUnit(match.group(2))
+        if not value > 0:
+            raise ConfigError(f"{where}duration must be positive, got {text!r}")
+        if unit is TimeUnit.FRACTION and value > 1:
+            raise ConfigError(f"{where}a fraction ('dur') must be in (0, 1], got {text!r}")
+        if unit is TimeUnit.STEP and value != int(value):
+            raise ConfigError(f"{where}a number of steps must be whole, got {text!r}")
+        return cls(value, unit)
+
+    def scaled(self, factor: float) -> Duration:
+        """This duration multiplied by ``factor`` (in the same unit)."""
+        return Duration(self.value * factor, self.unit)
+
+    def __str__(self) -> str:
+        value = int(self.value) if self.value == int(self.value) else self.value
+        return f"{value}{self.unit.value}"
+
+
+@dataclass(frozen=True)
+class TimeContext:
+    """What it takes to turn any duration into optimizer steps for one stage.
+
+    Attributes:
+        batch_size: global samples per optimizer step.
+        tokens_per_sample: tokens in one sample (the sequence length for token data, 1
+            otherwise).
+        epoch_samples: samples in one epoch of the stage's data (sum of its sources).
+        enclosing_steps: length in steps of the span that ``dur`` is a fraction of,
+            or ``None`` when that span is unknown (then ``dur`` is an error).
+    """
+
+    batch_size: int
+    tokens_per_sample: int = 1
+    epoch_samples: int | None = None
+    enclosing_steps: int | None = None
+
+    def to_steps(self, duration: Duration, *, field: str = "duration") -> int:
+        """Convert ``duration`` to a whole number of steps, rounding up.
+
+        Rounding up means a stage never trains on fewer samples or tokens than asked.
+        """
+        value, unit = duration.value, duration.unit
+        if unit is TimeUnit.STEP:
+            steps = value
+        elif unit is TimeUnit.SAMPLE:
+            steps = value / self.batch_size
+        elif unit is TimeUnit.TOKEN:
+            steps = value / (self.batch_size * self.tokens_per_sample)
+        elif unit is TimeUnit.EPOCH:
+            if self.epoch_samples is None:
+                raise ConfigError(f"{field}: 'ep' needs a stage whose data size is known")
+            steps = value * self.epoch_samples / self.batch_size
+        else:
+            if self.enclosing_steps is None:
+                raise ConfigError(
+                    f"{field}: {duration} is a fraction of a total that is not set; "
+                    "give the curriculum a 'total' duration or use another unit"
+                )
+            steps = value * self.enclosing_steps
+        # A tiny tolerance so that 0.3 * 1000 = 300.00000000000006 stays 300 steps.
+        return max(1, math.ceil(steps - 1e-9))
+
+    def samples(self, steps: int) -> int:
+        """Samples seen in ``steps`` steps."""
+        return steps * self.batch_size
+
+    def tokens(self, steps: int) -> int:
+        """Tokens seen in ``steps`` steps."""
+        return steps * self.batch_size * self.tokens_per_sample
