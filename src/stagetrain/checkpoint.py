@@ -21,8 +21,10 @@ import json
 import os
 import pickle
 import random
+import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +79,7 @@ def sha256_file(path: Path) -> str:
 
 def rng_state() -> dict[str, Any]:
     """Global RNG states of torch, CUDA, NumPy and Python, as weights-only-loadable values."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -180,7 +182,8 @@ class CheckpointStore:
             else:
                 if problems:
                     warnings.warn(
-                        "skipped damaged checkpoints: " + "; ".join(problems)
+                        "skipped damaged checkpoints: "
+                        + "; ".join(problems)
                         + f"; resuming from {path}",
                         stacklevel=2,
                     )
@@ -198,17 +201,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else (a raw pickle, a truncated or
+        # overwritten file) is never handed to an unpickler.
+        raise CheckpointError(f"{path}: corrupted or not a checkpoint (not a torch zip archive)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused: the file asks to import {unsafe.group(1)}, which could run "
+                "code; stagetrain loads tensors and plain data only"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused: the file holds objects that only full unpickling could load "
-            f"(possible code execution); stagetrain loads tensors and plain data only ({exc})"
-            .splitlines()[0]
+            f"{path}: corrupted or not a checkpoint (unreadable pickle)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: corrupted or not a checkpoint ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a stagetrain checkpoint (format {FORMAT_VERSION})")
-    return payload  # type: ignore[no-any-return]
+    return payload

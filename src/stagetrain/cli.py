@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train through a curriculum")
     run.add_argument("config", type=Path, help="curriculum file (.yaml or .toml)")
-    run.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/NAME-TIME)")
-    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    run.add_argument(
+        "--run-dir", type=Path, default=None, help="run directory (default runs/NAME-TIME)"
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --run-dir"
+    )
     run.add_argument(
         "--on-change",
         choices=["refuse", "keep-position", "restart-stage"],
@@ -67,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to do when resuming a changed curriculum (default: refuse and list changes)",
     )
     run.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    run.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(func=_cmd_run)
     return parser

@@ -36,6 +36,8 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "kl_distill")
+Metric = Literal["loss", "accuracy"]
+_ALL_METRICS: tuple[Metric, ...] = ("loss", "accuracy")
 
 
 class _Config(BaseModel):
@@ -83,7 +85,9 @@ class SourceConfig(_Config):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SourceConfig:
-        given = [k for k in ("builtin", "factory", "ref", "dataset") if getattr(self, k) is not None]
+        given = [
+            k for k in ("builtin", "factory", "ref", "dataset") if getattr(self, k) is not None
+        ]
         if len(given) != 1:
             raise ValueError(
                 "a data source needs exactly one of builtin, factory, ref or dataset; "
@@ -196,7 +200,7 @@ class EvalConfig(_Config):
     data: SourceConfig
     every: str | None = None
     """Interval (a duration); defaults to the curriculum's ``eval_every``."""
-    metrics: list[Literal["loss", "accuracy"]] = Field(default_factory=lambda: ["loss", "accuracy"])
+    metrics: list[Metric] = Field(default_factory=lambda: list(_ALL_METRICS))
     loss: str = "cross_entropy"
     batch_size: int = Field(default=1024, gt=0)
     max_samples: int | None = Field(default=None, gt=0)
@@ -355,7 +359,10 @@ class CurriculumConfig(_Config):
             optimizer = stage.optimizer or previous_optimizer
             out.append(
                 stage.model_copy(
-                    update={"optimizer": optimizer, "batch_size": stage.batch_size or self.batch_size}
+                    update={
+                        "optimizer": optimizer,
+                        "batch_size": stage.batch_size or self.batch_size,
+                    }
                 )
             )
             previous_optimizer = optimizer
@@ -388,7 +395,7 @@ def format_validation_error(exc: ValidationError, source: str | None = None) -> 
             msg = "unknown field (check the spelling; see the docs for allowed fields)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        elif "input" in err and err["type"].endswith("_type"):
+        elif isinstance(err.get("input"), str | int | float | bool):
             msg = f"{msg}, got {type(err['input']).__name__} {err['input']!r}"
         lines.append(f"{loc}: {msg}" if loc else msg)
     prefix = f"{source}: " if source else ""

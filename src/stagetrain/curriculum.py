@@ -216,11 +216,15 @@ class Curriculum:
         warmup_steps = 0
         if cfg.optimizer.warmup is not None and (index == 0 or cfg.handoff != "carry"):
             warmup_steps = min(
-                ctx.to_steps(Duration.parse(cfg.optimizer.warmup), field=f"{field}.optimizer.warmup"),
+                ctx.to_steps(
+                    Duration.parse(cfg.optimizer.warmup), field=f"{field}.optimizer.warmup"
+                ),
                 steps,
             )
         body = cfg.optimizer.schedule.build(max(steps - warmup_steps, 1), ctx)
-        multiplier = join([linear(0.0, 1.0, warmup_steps), body], [warmup_steps]) if warmup_steps else body
+        multiplier = (
+            join([linear(0.0, 1.0, warmup_steps), body], [warmup_steps]) if warmup_steps else body
+        )
         shares = [float(w(0)) for w in weights]
         total_share = sum(shares)
         return Stage(
@@ -303,14 +307,16 @@ class Curriculum:
         except TypeError as exc:
             raise ConfigError(f"model.args: {exc}") from exc
         if not isinstance(model, torch.nn.Module):
-            raise StageTrainError(f"model: the factory returned {type(model).__name__}, not a Module")
+            raise StageTrainError(
+                f"model: the factory returned {type(model).__name__}, not a Module"
+            )
         return model
 
 
 def _weight_schedule(weight: Any, steps: int, ctx: TimeContext) -> Schedule:
     if isinstance(weight, int | float):
         return constant(float(weight))
-    return weight.build(steps, ctx)  # type: ignore[no-any-return]
+    return weight.build(steps, ctx)
 
 
 def _scaled_share(weight: Schedule, group: list[Schedule], scale: float) -> Schedule:

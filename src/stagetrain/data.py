@@ -57,7 +57,7 @@ class TensorPairDataset:
 def fetch(dataset: Any, indices: np.ndarray) -> Batch:
     """The batch of ``dataset`` at ``indices`` (a fast path when ``get_batch`` exists)."""
     if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)  # type: ignore[no-any-return]
+        return dataset.get_batch(indices)
     items = [dataset[int(i)] for i in indices]
     batch = default_collate(items)
     if not isinstance(batch, list | tuple) or len(batch) != 2:
@@ -135,7 +135,9 @@ class SourceBuilder:
                 )
             return _check_dataset(self.datasets[source.ref], field)
         key = json.dumps(
-            {"b": source.builtin, "f": source.factory, "a": source.args}, sort_keys=True, default=str
+            {"b": source.builtin, "f": source.factory, "a": source.args},
+            sort_keys=True,
+            default=str,
         )
         if key not in self._cache:
             factory = resolve_factory(

@@ -25,7 +25,9 @@ def build_optimizer(
     """A torch optimizer for ``cfg`` over ``params`` (LR is set per step by the loop)."""
     params = list(params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return optimizer_class(
         params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay

@@ -80,9 +80,13 @@ class _Interval:
             return False
         unit = self.duration.unit
         if unit in (TimeUnit.STEP, TimeUnit.SAMPLE, TimeUnit.TOKEN):
-            attr = {TimeUnit.STEP: "step", TimeUnit.SAMPLE: "samples", TimeUnit.TOKEN: "tokens"}[unit]
+            attr = {TimeUnit.STEP: "step", TimeUnit.SAMPLE: "samples", TimeUnit.TOKEN: "tokens"}[
+                unit
+            ]
             every = self.duration.value
-            return math.floor(getattr(after, attr) / every) > math.floor(getattr(before, attr) / every)
+            return math.floor(getattr(after, attr) / every) > math.floor(
+                getattr(before, attr) / every
+            )
         every_steps = stage.context.to_steps(self.duration, field="every")
         return after.stage_step % every_steps == 0
 
@@ -100,7 +104,9 @@ def check_writable(run_dir: Path) -> None:
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as exc:
-        raise StageTrainError(f"{run_dir}: run directory is not writable ({exc.strerror})") from None
+        raise StageTrainError(
+            f"{run_dir}: run directory is not writable ({exc.strerror})"
+        ) from None
 
 
 def _distributed() -> tuple[int, int]:
@@ -170,7 +176,9 @@ def fit(
         payload, _entry = store.load_latest()
         state = _check_resume(payload, curriculum, on_change)
         model.load_state_dict(payload["model"])
-        opt_cfg = curriculum.stages[min(state.stage_index, len(curriculum.stages) - 1)].config.optimizer
+        opt_cfg = curriculum.stages[
+            min(state.stage_index, len(curriculum.stages) - 1)
+        ].config.optimizer
         assert opt_cfg is not None
         optimizer = build_optimizer(model.parameters(), opt_cfg)
         optimizer.load_state_dict(payload["optimizer"])
@@ -191,8 +199,19 @@ def fit(
         purge_step=state.step if resume else None,
     )
     loop = _Loop(
-        curriculum, model, optimizer, state, run_path, store, logger, dev, teacher,
-        list(callbacks), rank, world_size, trainable_at_start,
+        curriculum,
+        model,
+        optimizer,
+        state,
+        run_path,
+        store,
+        logger,
+        dev,
+        teacher,
+        list(callbacks),
+        rank,
+        world_size,
+        trainable_at_start,
     )
     try:
         loop.run(progress=progress and is_main, stop_after=stop_after)
@@ -205,13 +224,17 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_resume(payload: dict[str, Any], curriculum: Curriculum, on_change: OnChange) -> TrainState:
+def _check_resume(
+    payload: dict[str, Any], curriculum: Curriculum, on_change: OnChange
+) -> TrainState:
     """The state to continue from, after checking the curriculum did not change."""
     state = TrainState.from_dict(payload["state"])
     if payload["fingerprint"] == curriculum.config.fingerprint():
         return state
     changes = config_diff(json.loads(payload["config"]), curriculum.config.fingerprint_dict())
-    listing = "; ".join(changes[:20]) + (f"; ... ({len(changes)} in all)" if len(changes) > 20 else "")
+    listing = "; ".join(changes[:20]) + (
+        f"; ... ({len(changes)} in all)" if len(changes) > 20 else ""
+    )
     if on_change == "refuse":
         raise CheckpointError(
             f"the curriculum changed since the checkpoint: {listing}. Pass "
@@ -287,7 +310,12 @@ class _Loop:
         assert self.optimizer is not None
         stage = self.curriculum.stages[min(self.state.stage_index, len(self.curriculum.stages) - 1)]
         return RunContext(
-            self.curriculum, self.model, self.optimizer, self.state, self.run_dir, stage,
+            self.curriculum,
+            self.model,
+            self.optimizer,
+            self.state,
+            self.run_dir,
+            stage,
             self.last_metrics,
         )
 
@@ -363,7 +391,10 @@ class _Loop:
         optimizer, model, state = self.optimizer, self.model, self.state
         grad_clip = stage.config.optimizer.grad_clip
         tokens_per_step = stage.context.tokens(1)
-        evals = [(ev, _Interval(ev.every or self.config.eval_every)) for ev in self.curriculum.evals_for(stage)]
+        evals = [
+            (ev, _Interval(ev.every or self.config.eval_every))
+            for ev in self.curriculum.evals_for(stage)
+        ]
         model.train()
         for stage_step in range(state.stage_step, stage.steps):
             inputs, targets = stage.batch(stage_step, self.rank, self.world_size)
@@ -407,7 +438,9 @@ class _Loop:
         self, stage: Stage, loss: torch.Tensor, terms: dict[str, torch.Tensor], lr: float, bar: Any
     ) -> None:
         value = float(loss.detach())  # the one host sync, at logging intervals only
-        term_values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()} if len(terms) > 1 else {}
+        term_values = (
+            {f"loss/{k}": float(v.detach()) for k, v in terms.items()} if len(terms) > 1 else {}
+        )
         if not math.isfinite(value):
             bad = [k for k, v in terms.items() if not math.isfinite(float(v.detach()))]
             raise TrainingError(
@@ -431,9 +464,16 @@ class _Loop:
     def _evaluate(self, stage: Stage, ev: Any) -> dict[str, float]:
         dataset = self.curriculum.eval_dataset(ev)
         sums = evaluate(
-            self.model, dataset, metrics=list(ev.metrics), loss_name=ev.loss,
-            batch_size=ev.batch_size, max_samples=ev.max_samples, seq_len=stage.config.seq_len,
-            device=self.device, rank=self.rank, world_size=self.world_size,
+            self.model,
+            dataset,
+            metrics=list(ev.metrics),
+            loss_name=ev.loss,
+            batch_size=ev.batch_size,
+            max_samples=ev.max_samples,
+            seq_len=stage.config.seq_len,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         if self.world_size > 1:
             for value in sums.values():
@@ -442,8 +482,13 @@ class _Loop:
         self.last_metrics[ev.name] = metrics
         self.logger.log(
             self._record(
-                "eval", stage, name=ev.name, samples=self.state.samples,
-                tokens=self.state.tokens, time=self._elapsed(), **metrics,
+                "eval",
+                stage,
+                name=ev.name,
+                samples=self.state.samples,
+                tokens=self.state.tokens,
+                time=self._elapsed(),
+                **metrics,
             )
         )
         self._emit("on_eval", ev.name, metrics)
@@ -454,8 +499,12 @@ class _Loop:
             self._evaluate(stage, ev)
         self.logger.log(
             self._record(
-                "stage_end", stage, reason="duration", samples=self.state.samples,
-                tokens=self.state.tokens, time=self._elapsed(),
+                "stage_end",
+                stage,
+                reason="duration",
+                samples=self.state.samples,
+                tokens=self.state.tokens,
+                time=self._elapsed(),
             )
         )
         self._emit("on_stage_end")

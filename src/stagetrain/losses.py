@@ -103,7 +103,9 @@ class StageLoss:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        for name, weight, fn, args in zip(self.names, self.weights, self.fns, self.args, strict=True):
+        for name, weight, fn, args in zip(
+            self.names, self.weights, self.fns, self.args, strict=True
+        ):
             if fn is kl_distill:
                 value = fn(output, target, teacher_output=teacher_output, **args)
             else:

@@ -50,24 +50,32 @@ class Plan:
         rows = []
         for s in self.stages:
             up = "up to " if s.up_to else ""
-            rows.append([
-                str(s.index + 1),
-                s.name,
-                f"{s.start_step:,}–{up}{s.end_step:,}",
-                f"{s.start_samples:,}–{up}{s.end_samples:,}",
-                f"{s.start_tokens:,}–{up}{s.end_tokens:,}",
-                str(s.batch_size) + (f"×{s.seq_len}" if s.seq_len else ""),
-                f"{s.lr_start:.3g}→{s.lr_end:.3g}" + (f" (warmup {s.warmup_steps})" if s.warmup_steps else ""),
-                s.handoff,
-            ])
+            rows.append(
+                [
+                    str(s.index + 1),
+                    s.name,
+                    f"{s.start_step:,}–{up}{s.end_step:,}",
+                    f"{s.start_samples:,}–{up}{s.end_samples:,}",
+                    f"{s.start_tokens:,}–{up}{s.end_tokens:,}",
+                    str(s.batch_size) + (f"×{s.seq_len}" if s.seq_len else ""),
+                    f"{s.lr_start:.3g}→{s.lr_end:.3g}"
+                    + (f" (warmup {s.warmup_steps})" if s.warmup_steps else ""),
+                    s.handoff,
+                ]
+            )
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = [f"curriculum {self.name!r} (seed {self.seed}): {len(self.stages)} stages, {self.total_steps:,} steps"]
+        lines = [
+            f"curriculum {self.name!r} (seed {self.seed}): "
+            f"{len(self.stages)} stages, {self.total_steps:,} steps"
+        ]
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
         lines.append("  ".join("-" * w for w in widths))
         for row, s in zip(rows, self.stages, strict=True):
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
             for label, share, passes in s.sources:
-                lines.append(f"{'':{widths[0]}}    data {label}: {share:.1%} of samples, {passes:.2f} passes")
+                lines.append(
+                    f"{'':{widths[0]}}    data {label}: {share:.1%} of samples, {passes:.2f} passes"
+                )
         for warning in self.warnings:
             lines.append(f"warning: {warning}")
         return "\n".join(lines)

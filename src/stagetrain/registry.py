@@ -53,9 +53,9 @@ def resolve_factory(
         if builtin not in table:
             known = ", ".join(sorted(table))
             raise ConfigError(f"{field}: unknown built-in {kind} {builtin!r}; known: {known}")
-        return import_path(table[builtin], field=field)  # type: ignore[no-any-return]
+        return import_path(table[builtin], field=field)
     assert factory is not None, "config validation guarantees builtin or factory"
     target = import_path(factory, field=field)
     if not callable(target):
         raise ConfigError(f"{field}: {factory!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    return target

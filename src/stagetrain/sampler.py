@@ -43,7 +43,7 @@ def apportion(weights: Sequence[Schedule], batch_size: int, steps: int) -> np.nd
         if short > 0:
             base[np.argsort(-(desired - base), kind="stable")[:short]] += 1
         elif short < 0:  # only through float error; take from the largest overshoot
-            base[np.argsort(desired - base, kind="stable")[: -short]] -= 1
+            base[np.argsort(desired - base, kind="stable")[:-short]] -= 1
         counts[t] = base
         carry = desired - base
     return counts
@@ -63,7 +63,7 @@ class StageSampler:
 
     def __init__(
         self,
-        sizes: Sequence[int],
+        sizes: Sequence[int] | np.ndarray,
         weights: Sequence[Schedule],
         batch_size: int,
         steps: int,

@@ -49,7 +49,10 @@ def linear(start: float, end: float, steps: int) -> Schedule:
 
 
 def cosine(start: float, end: float, steps: int) -> Schedule:
-    """Half-cosine decay: ``f(t) = end + (start - end) * (1 + cos(pi * min(t, steps) / steps)) / 2``."""
+    """Half-cosine from ``start`` to ``end``.
+
+    ``f(t) = end + (start - end) * (1 + cos(pi * min(t, steps) / steps)) / 2``.
+    """
 
     def schedule(step: float) -> float:
         frac = min(max(step, 0.0), steps) / steps if steps > 0 else 1.0
@@ -94,7 +97,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
 def warmup_stable_decay(
     peak: float, warmup: int, stable: int, decay: int, end: float = 0.0, start: float = 0.0
 ) -> Schedule:
-    """Warmup-stable-decay (WSD): linear ``start -> peak``, hold ``peak``, linear ``peak -> end``."""
+    """Warmup-stable-decay: linear ``start -> peak``, hold ``peak``, linear ``peak -> end``."""
     return join(
         [linear(start, peak, warmup), constant(peak), linear(peak, end, decay)],
         [warmup, warmup + stable],
