@@ -295,6 +295,17 @@ class CheckpointConfig(_Config):
         return _check_duration(value)
 
 
+class GlobalLR(_Config):
+    """One learning-rate schedule over the whole run (global steps), overriding the stages'.
+
+    ``stagetrain compare`` gives every control arm the curriculum's own LR trajectory
+    this way, so that arms differ only in their data.
+    """
+
+    lr: float = Field(gt=0)
+    schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
+
+
 class CurriculumConfig(_Config):
     """A whole curriculum: ordered stages plus everything shared by all of them."""
 
@@ -309,6 +320,8 @@ class CurriculumConfig(_Config):
     eval_every: str | None = None
     log_every: int = Field(default=10, gt=0)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    global_lr: GlobalLR | None = None
+    """When set, the LR at global step ``t`` is ``global_lr.lr * schedule(t)`` in every stage."""
 
     @field_validator("total", "eval_every")
     @classmethod

@@ -76,6 +76,10 @@ class Stage:
     warmup_steps: int
     lr_multiplier: Schedule
     seed: int
+    planned_start: int = 0
+    """Global step at which the stage starts when every earlier stage runs its full length."""
+    global_lr: Schedule | None = None
+    """The curriculum-wide LR (absolute, of the global step) when ``global_lr`` is set."""
     _sampler: StageSampler | None = field(default=None, repr=False)
 
     @property
@@ -88,6 +92,12 @@ class Stage:
         return self.config.batch_size
 
     @property
+    def lr_peak(self) -> float:
+        """The stage's configured learning rate (before warmup and schedule)."""
+        assert self.config.optimizer is not None
+        return self.config.optimizer.lr
+
+    @property
     def sampler(self) -> StageSampler:
         """Built on first use: apportioning a long mixture takes a moment."""
         if self._sampler is None:
@@ -96,8 +106,14 @@ class Stage:
             )
         return self._sampler
 
-    def lr(self, stage_step: int) -> float:
-        """Learning rate at ``stage_step``: ``lr * warmup * schedule``."""
+    def lr(self, stage_step: int, step: int | None = None) -> float:
+        """Learning rate at ``stage_step``: ``lr * warmup * schedule`` of the stage.
+
+        With a curriculum-wide ``global_lr`` it is that schedule at the global ``step``
+        (by default the planned global step of ``stage_step``).
+        """
+        if self.global_lr is not None:
+            return self.global_lr(self.planned_start + stage_step if step is None else step)
         assert self.config.optimizer is not None
         return self.config.optimizer.lr * self.lr_multiplier(stage_step)
 
@@ -130,7 +146,7 @@ class StepInfo:
 
     @property
     def lr(self) -> float:
-        return self.stage.lr(self.stage_step)
+        return self.stage.lr(self.stage_step, self.step)
 
     def batch(self) -> Batch:
         return self.stage.batch(self.stage_step, self.rank, self.world_size)
@@ -173,6 +189,14 @@ class Curriculum:
         self.stages: list[Stage] = []
         for index, stage_config in enumerate(config.resolved_stages()):
             self.stages.append(self._build_stage(index, stage_config))
+        for stage, start in zip(self.stages, self.start_steps, strict=True):
+            stage.planned_start = start
+        if config.global_lr is not None:
+            peak = config.global_lr.lr
+            shape = config.global_lr.schedule.build(self.total_steps, self.stages[0].context)
+            run_lr: Schedule = lambda step: peak * shape(step)  # noqa: E731
+            for stage in self.stages:
+                stage.global_lr = run_lr
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Curriculum:

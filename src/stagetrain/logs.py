@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from stagetrain.checkpoint import atomic_write
+from stagetrain.checkpoint import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -57,7 +57,7 @@ class RunLogger:
             return
         if resume_lines is not None and self.path.exists():
             kept = self.path.read_text().splitlines()[:resume_lines]
-            atomic_write(self.path, lambda f: f.write("".join(x + "\n" for x in kept).encode()))
+            atomic_write_text(self.path, "".join(x + "\n" for x in kept))
             self.lines = len(kept)
         elif self.path.exists():
             self.path.unlink()

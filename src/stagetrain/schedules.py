@@ -200,6 +200,8 @@ class JoinPart(_ScheduleBase):
 
     schedule: ScheduleConfig
     length: str | None = None
+    scale: float = 1.0
+    """Multiplies this piece's values (joins stages whose peak LRs differ)."""
 
 
 class JoinSchedule(_ScheduleBase):
@@ -219,7 +221,8 @@ class JoinSchedule(_ScheduleBase):
                 if part.length is None
                 else _length(part.length, span_steps, ctx, f"join.parts[{i}].length")
             )
-            schedules.append(part.schedule.build(max(length, 1), ctx))
+            piece = part.schedule.build(max(length, 1), ctx)
+            schedules.append(piece if part.scale == 1.0 else _scaled(piece, part.scale))
             elapsed += length
             if not last:
                 boundaries.append(elapsed)
@@ -239,6 +242,13 @@ ScheduleConfig = Annotated[
 """Any schedule as written in a config, told apart by its ``kind`` field."""
 
 JoinPart.model_rebuild()
+
+
+def _scaled(schedule: Schedule, factor: float) -> Schedule:
+    def scaled(step: float) -> float:
+        return factor * schedule(step)
+
+    return scaled
 
 
 def _length(text: str | None, span_steps: int, ctx: TimeContext, field: str) -> int:
