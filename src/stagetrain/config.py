@@ -51,6 +51,95 @@ def _check_duration(value: str | None) -> str | None:
     return value
 
 
+class ModelConfig(_Config):
+    """How a model is built: a built-in name or a factory import path, with args.
+
+    ``weights`` (optional) is a file of trained parameters — a ``state_dict`` saved with
+    ``torch.save`` or a ``.safetensors`` file — loaded without unpickling code.
+    """
+
+    builtin: str | None = None
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelConfig:
+        if (self.builtin is None) == (self.factory is None):
+            raise ValueError("model needs exactly one of 'builtin' or 'factory'")
+        return self
+
+
+class DifficultyConfig(_Config):
+    """How hard each sample is (higher score = harder).
+
+    ========== ==================================================================
+    scorer     score of a sample
+    ========== ==================================================================
+    length     its length (tokens not equal to ``pad_id``; elements for non-token data)
+    loss       a reference model's loss on it ("transfer" scoring; ``model``)
+    confidence 1 - the reference model's probability of the true class (``model``)
+    self_taught the loss of a quick model trained on the other folds of the data
+    file       read from ``path`` (.npy or text, one number per sample)
+    callable   ``fn``: ``(inputs, targets) -> scores`` per batch, an import path
+    ========== ==================================================================
+    """
+
+    scorer: Literal["length", "loss", "confidence", "self_taught", "file", "callable"]
+    model: ModelConfig | str | None = None
+    """Reference model (``loss``/``confidence``; optional for ``self_taught``, whose default is
+    the curriculum's model); a string ``"@name"`` names a model passed to ``Curriculum``."""
+    path: str | None = None
+    fn: str | None = None
+    pad_id: int | None = None
+    batch_size: int = Field(default=1024, gt=0)
+    steps: int = Field(default=300, gt=0)
+    """self_taught: training steps of each fold's quick model."""
+    lr: float = Field(default=1e-3, gt=0)
+    folds: int = Field(default=2, ge=2)
+    """self_taught: each fold is scored by a model trained on the others (cross-fitting)."""
+
+    @model_validator(mode="after")
+    def _needs(self) -> DifficultyConfig:
+        needs = {"loss": "model", "confidence": "model", "file": "path", "callable": "fn"}
+        required = needs.get(self.scorer)
+        if required and getattr(self, required) is None:
+            raise ValueError(f"scorer {self.scorer!r} needs '{required}'")
+        return self
+
+
+class SelectConfig(_Config):
+    """Which part of a scored source a stage uses: exactly one of the four ways."""
+
+    easiest: float | None = Field(default=None, gt=0, le=1)
+    """The easiest fraction (0.3 = the easiest 30 %)."""
+    hardest: float | None = Field(default=None, gt=0, le=1)
+    quantiles: tuple[float, float] | None = None
+    """A quantile range of the scores, e.g. [0.3, 1.0]."""
+    scores: tuple[float, float] | None = None
+    """A range of raw scores [low, high]."""
+
+    @model_validator(mode="after")
+    def _one(self) -> SelectConfig:
+        given = [
+            k for k in ("easiest", "hardest", "quantiles", "scores") if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "select needs exactly one of easiest, hardest, quantiles, scores; "
+                f"got {given or 'none'}"
+            )
+        if self.quantiles is not None:
+            low, high = self.quantiles
+            if not 0.0 <= low < high <= 1.0:
+                raise ValueError(
+                    f"quantiles must satisfy 0 <= low < high <= 1, got [{low}, {high}]"
+                )
+        if self.scores is not None and not self.scores[0] <= self.scores[1]:
+            raise ValueError(f"scores range is empty: {list(self.scores)}")
+        return self
+
+
 class SourceConfig(_Config):
     """One data source. Exactly one of ``builtin``, ``factory``, ``ref`` or ``dataset``.
 
@@ -73,6 +162,10 @@ class SourceConfig(_Config):
     """Keyword arguments of the factory."""
     weight: float | ScheduleConfig = 1.0
     """Mixture weight: a number, or a schedule over stage-local steps."""
+    difficulty: DifficultyConfig | None = None
+    """How to score the source's samples (needed by ``select`` and by stage ``pacing``)."""
+    select: SelectConfig | None = None
+    """Use only part of the source, chosen by difficulty."""
 
     @model_validator(mode="before")
     @classmethod
@@ -97,6 +190,8 @@ class SourceConfig(_Config):
             raise ValueError("an in-memory dataset needs a 'name' (used in logs and fingerprints)")
         if isinstance(self.weight, float | int) and not self.weight > 0:
             raise ValueError(f"weight must be positive, got {self.weight}")
+        if self.select is not None and self.difficulty is None:
+            raise ValueError("'select' needs a 'difficulty' scorer on the same source")
         return self
 
     @property
@@ -193,6 +288,70 @@ class OptimizerConfig(_Config):
 Handoff = Literal["carry", "rewarm", "reset"]
 
 
+class PacingConfig(_Config):
+    """Fraction of the stage's (difficulty-sorted) data visible at stage-local step t.
+
+    With ``T`` the stage length, ``s = t / (a T)``, ``b`` the starting fraction
+    (Wu, Dyer & Neyshabur 2021; Platanios et al. 2019 with ``c0 = b`` and ``a T`` the time
+    to full competence), all capped at 1:
+
+    ==================== =========================================================
+    kind                 g(t)
+    ==================== =========================================================
+    step                 ``b`` while ``t < a T``, then 1 (a two-stage curriculum)
+    linear               ``b + (1 - b) s``
+    root                 ``b + (1 - b) s^(1/p)`` (root-p; p = 2 is the square root)
+    exp                  ``b + (1 - b) (e^(10 s) - 1) / (e^10 - 1)``
+    log                  ``b + (1 - b) (1 + 0.1 ln(s + e^-10))``
+    competence_linear    ``min(1, t (1 - b) / (a T) + b)``
+    competence_sqrt      ``min(1, sqrt(t (1 - b^2) / (a T) + b^2))``
+    ==================== =========================================================
+
+    Batches are drawn uniformly (with replacement across steps) from the visible
+    part; ``order`` is easy-first (``curriculum``), hard-first (``anti``) or a seeded
+    random order (``random``, the control with the same pacing).
+    """
+
+    kind: Literal["step", "linear", "root", "exp", "log", "competence_linear", "competence_sqrt"]
+    a: float = Field(default=0.5, gt=0, le=1)
+    b: float = Field(default=0.2, gt=0, le=1)
+    p: float = Field(default=2.0, gt=0)
+    order: Literal["curriculum", "anti", "random"] = "curriculum"
+    class_balanced: bool = False
+    """Draw every class equally often from the visible part (Hacohen & Weinshall 2019)."""
+
+
+class AdvanceConfig(_Config):
+    """Move to the next stage when a metric says the model is ready (or at ``duration``).
+
+    Checked after each evaluation of ``metric`` (``"EVAL.KEY"``). ``threshold``: advance at
+    the first evaluation reaching it. ``patience``: advance when ``patience`` evaluations
+    in a row improved on the best by less than ``delta``. The stage's ``duration`` is the
+    maximum; ``min_duration`` keeps it from ending sooner.
+    """
+
+    metric: str
+    threshold: float | None = None
+    patience: int | None = Field(default=None, ge=1)
+    delta: float = Field(default=0.0, ge=0)
+    mode: Literal["max", "min"] | None = None
+    """Direction of improvement; default max for accuracy, min for loss."""
+    min_duration: str | None = None
+
+    @model_validator(mode="after")
+    def _rule(self) -> AdvanceConfig:
+        if (self.threshold is None) == (self.patience is None):
+            raise ValueError("advance needs exactly one of 'threshold' or 'patience'")
+        if "." not in self.metric:
+            raise ValueError(f"metric must be 'EVAL.KEY' like 'val.accuracy', got {self.metric!r}")
+        _check_duration(self.min_duration)
+        return self
+
+    @property
+    def maximize(self) -> bool:
+        return self.mode == "max" if self.mode else not self.metric.endswith(".loss")
+
+
 class EvalConfig(_Config):
     """An evaluation set, run every ``every`` steps and at the end of each stage."""
 
@@ -239,6 +398,20 @@ class StageConfig(_Config):
     """Truncate token sequences to this length (inputs, and targets of the same length)."""
     evals: list[EvalConfig] = Field(default_factory=list)
     """Evaluation sets run only during this stage (in addition to the curriculum's)."""
+    pacing: PacingConfig | None = None
+    """Reveal the stage's data gradually by difficulty (needs one source with ``difficulty``)."""
+    advance: AdvanceConfig | None = None
+    """End the stage early on a metric; ``duration`` is then the maximum."""
+
+    @model_validator(mode="after")
+    def _pacing_source(self) -> StageConfig:
+        if self.pacing is not None:
+            sources = self.data.sources
+            if len(sources) != 1 or sources[0].difficulty is None or self.data.replay:
+                raise ValueError(
+                    "pacing needs exactly one data source with a 'difficulty' scorer and no replay"
+                )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -266,20 +439,6 @@ class StageConfig(_Config):
         if not value:
             raise ValueError("a stage needs at least one loss term")
         return value
-
-
-class ModelConfig(_Config):
-    """How the CLI builds the model: a built-in name or a factory import path, with args."""
-
-    builtin: str | None = None
-    factory: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ModelConfig:
-        if (self.builtin is None) == (self.factory is None):
-            raise ValueError("model needs exactly one of 'builtin' or 'factory'")
-        return self
 
 
 class CheckpointConfig(_Config):
@@ -358,6 +517,23 @@ class CurriculumConfig(_Config):
                     f"but stage {resolved[i].name!r} uses {cur.name} after {prev.name}; "
                     "use handoff: reset"
                 )
+        for i, stage in enumerate(self.stages):
+            if stage.advance is None:
+                continue
+            produced = [f"{e.name}.{m}" for e in [*self.evals, *stage.evals] for m in e.metrics]
+            if stage.advance.metric not in produced:
+                raise ValueError(
+                    f"stages[{i}].advance.metric: no evaluation of this stage produces "
+                    f"{stage.advance.metric!r}; available: {produced}"
+                )
+            if stage.advance.min_duration is not None:
+                unit_max = Duration.parse(stage.duration)
+                unit_min = Duration.parse(stage.advance.min_duration)
+                if unit_min.unit == unit_max.unit and unit_min.value > unit_max.value:
+                    raise ValueError(
+                        f"stages[{i}].advance.min_duration: {stage.advance.min_duration!r} is "
+                        f"longer than the stage's duration {stage.duration!r}"
+                    )
         eval_names = [e.name for e in self.evals] + [e.name for s in self.stages for e in s.evals]
         dupes = sorted({n for n in eval_names if eval_names.count(n) > 1})
         if dupes:

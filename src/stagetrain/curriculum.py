@@ -9,19 +9,37 @@ in the counters of :class:`TrainState`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from stagetrain.config import CurriculumConfig, EvalConfig, StageConfig, load_config
-from stagetrain.data import Batch, ConcatSources, SourceBuilder, tokens_per_sample, truncate
-from stagetrain.errors import ConfigError, StageTrainError
+from stagetrain.config import (
+    CurriculumConfig,
+    EvalConfig,
+    SourceConfig,
+    StageConfig,
+    load_config,
+)
+from stagetrain.data import (
+    Batch,
+    ConcatSources,
+    IndexSubset,
+    SourceBuilder,
+    fetch,
+    tokens_per_sample,
+    truncate,
+)
+from stagetrain.difficulty import DifficultyScorer, ScoreCache, select_indices
+from stagetrain.errors import ConfigError
 from stagetrain.losses import StageLoss
-from stagetrain.registry import BUILTIN_MODELS, resolve_factory
+from stagetrain.pacing import PacedSampler, ordering, pacing_function
+from stagetrain.registry import build_model
 from stagetrain.sampler import StageSampler
 from stagetrain.schedules import Schedule, constant, join, linear
 from stagetrain.time import Duration, TimeContext, TimeUnit
@@ -42,6 +60,10 @@ class TrainState:
     samples: int = 0
     tokens: int = 0
     elapsed_s: float = 0.0
+    plateau_best: float | None = None
+    """Best value so far of the stage's advance metric (plateau rule)."""
+    plateau_waits: int = 0
+    """Evaluations in a row without improvement (plateau rule)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -80,7 +102,9 @@ class Stage:
     """Global step at which the stage starts when every earlier stage runs its full length."""
     global_lr: Schedule | None = None
     """The curriculum-wide LR (absolute, of the global step) when ``global_lr`` is set."""
-    _sampler: StageSampler | None = field(default=None, repr=False)
+    paced: tuple[np.ndarray, Schedule, np.ndarray | None] | None = None
+    """(visibility order, pacing function, class labels) when the stage uses pacing."""
+    _sampler: StageSampler | PacedSampler | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -98,8 +122,13 @@ class Stage:
         return self.config.optimizer.lr
 
     @property
-    def sampler(self) -> StageSampler:
+    def sampler(self) -> StageSampler | PacedSampler:
         """Built on first use: apportioning a long mixture takes a moment."""
+        if self._sampler is None and self.paced is not None:
+            order, pacing, labels = self.paced
+            self._sampler = PacedSampler(
+                order, pacing, self.batch_size, self.steps, self.seed, self.index, labels
+            )
         if self._sampler is None:
             self._sampler = StageSampler(
                 self.data.sizes, self.weights, self.batch_size, self.steps, self.seed, self.index
@@ -182,9 +211,19 @@ class Curriculum:
         *,
         datasets: Mapping[str, Any] | None = None,
         has_teacher: bool = False,
+        models: Mapping[str, torch.nn.Module] | None = None,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
     ) -> None:
         self.config = config
         self.sources = SourceBuilder(config.seed, datasets)
+        self.scorer = DifficultyScorer(
+            seed=config.seed,
+            cache=ScoreCache(cache_dir),
+            models=models,
+            default_model=config.model,
+            progress=progress,
+        )
         self._has_teacher = has_teacher
         self.stages: list[Stage] = []
         for index, stage_config in enumerate(config.resolved_stages()):
@@ -207,10 +246,11 @@ class Curriculum:
 
     def _build_stage(self, index: int, cfg: StageConfig) -> Stage:
         field = f"stages[{index}]"
-        own = [
-            self.sources.build(s, field=f"{field}.data.sources[{k}]")
+        built = [
+            self._source(s, field=f"{field}.data.sources[{k}]")
             for k, s in enumerate(cfg.data.sources)
         ]
+        own = [dataset for dataset, _ in built]
         batch_size = cfg.batch_size
         assert batch_size is not None and cfg.optimizer is not None
         epoch_samples = int(sum(len(d) for d in own))
@@ -237,6 +277,16 @@ class Curriculum:
                     weights.append(constant(replay / len(earlier) * prev_static[k] / total))
                     labels.append((f"{prev.name}/{source.label}", True))
         data = ConcatSources(datasets)
+        paced = None
+        if cfg.pacing is not None:
+            scores = built[0][1]
+            assert scores is not None  # config validation: pacing needs a scored source
+            order = ordering(scores, cfg.pacing.order, self.config.seed, index)
+            class_labels = None
+            if cfg.pacing.class_balanced:
+                targets = fetch(own[0], np.arange(len(own[0])))[1]
+                class_labels = targets.reshape(len(own[0]), -1)[:, 0].numpy()
+            paced = (order, pacing_function(cfg.pacing, steps), class_labels)
         warmup_steps = 0
         if cfg.optimizer.warmup is not None and (index == 0 or cfg.handoff != "carry"):
             warmup_steps = min(
@@ -266,7 +316,27 @@ class Curriculum:
             warmup_steps=warmup_steps,
             lr_multiplier=multiplier,
             seed=self.config.seed,
+            paced=paced,
         )
+
+    def _source(self, source: SourceConfig, *, field: str) -> tuple[Any, np.ndarray | None]:
+        """A source's dataset (restricted by ``select``) and its difficulty scores, if any."""
+        dataset = self.sources.build(source, field=field)
+        if source.difficulty is None:
+            return dataset, None
+        identity = json.dumps(
+            {"builtin": source.builtin, "factory": source.factory, "ref": source.ref,
+             "name": source.name if source.dataset is not None else None, "args": source.args,
+             "seed": self.config.seed},
+            sort_keys=True, default=str,
+        )  # fmt: skip
+        scores = self.scorer.scores(
+            dataset, source.difficulty, identity=identity, field=f"{field}.difficulty"
+        )
+        if source.select is None:
+            return dataset, scores
+        keep = select_indices(scores, source.select)
+        return IndexSubset(dataset, keep), scores[keep]
 
     def _stage_steps(self, cfg: StageConfig, ctx: TimeContext, field: str) -> int:
         duration = Duration.parse(cfg.duration, field=f"{field}.duration")
@@ -318,23 +388,7 @@ class Curriculum:
         """The model declared in the config's ``model`` section, seeded by the curriculum seed."""
         if self.config.model is None:
             raise ConfigError("model: the config declares no model; pass one to fit()")
-        factory = resolve_factory(
-            builtin=self.config.model.builtin,
-            factory=self.config.model.factory,
-            table=BUILTIN_MODELS,
-            field="model",
-            kind="model",
-        )
-        torch.manual_seed(self.config.seed)
-        try:
-            model = factory(**self.config.model.args)
-        except TypeError as exc:
-            raise ConfigError(f"model.args: {exc}") from exc
-        if not isinstance(model, torch.nn.Module):
-            raise StageTrainError(
-                f"model: the factory returned {type(model).__name__}, not a Module"
-            )
-        return model
+        return build_model(self.config.model, seed=self.config.seed)
 
 
 def _weight_schedule(weight: Any, steps: int, ctx: TimeContext) -> Schedule:

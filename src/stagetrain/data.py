@@ -186,3 +186,20 @@ def tokens_per_sample(dataset: Any, seq_len: int | None) -> int:
     if inputs.dim() >= 2 and not torch.is_floating_point(inputs):
         return int(inputs.shape[-1])
     return 1
+
+
+class IndexSubset:
+    """The samples ``indices`` of ``dataset`` (a view: no data is copied)."""
+
+    def __init__(self, dataset: Any, indices: np.ndarray) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[int(self.indices[index])]
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        return fetch(self.dataset, self.indices[np.asarray(indices, dtype=np.int64)])

@@ -8,6 +8,7 @@ in between. Everything the curriculum decides (batch, loss, LR, stage) comes fro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -22,6 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from stagetrain.advance import AdvanceDecision, check_advance
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text, rng_state, set_rng_state
 from stagetrain.config import CurriculumConfig, config_diff, load_config
 from stagetrain.curriculum import Curriculum, Stage, TrainState
@@ -293,6 +295,7 @@ class _Loop:
         self.is_main = rank == 0
         self.trainable_at_start = trainable_at_start
         self.last_metrics: dict[str, dict[str, float]] = {}
+        self._last_eval_step: dict[str, int] = {}
         self.checkpoint_every = _Interval(self.config.checkpoint.every)
         self._clock_start = time.perf_counter()
         self._elapsed_base = state.elapsed_s
@@ -346,9 +349,13 @@ class _Loop:
                 stage = stages[self.state.stage_index]
                 self._enter_stage(stage)
                 bar.set_description(f"[{stage.index + 1}/{len(stages)}] {stage.name}")
-                if not self._train_stage(stage, bar, stop_after):
+                ending = self._train_stage(stage, bar, stop_after)
+                if ending is None:
                     return
-                self._finish_stage(stage)
+                if ending.advance:
+                    bar.total -= stage.steps - self.state.stage_step
+                    bar.refresh()
+                self._finish_stage(stage, ending, bar)
             self._emit("on_fit_end")
             if self.is_main:
                 summary = {
@@ -363,6 +370,7 @@ class _Loop:
     def _enter_stage(self, stage: Stage) -> None:
         cfg = stage.config
         if self.state.stage_step == 0:
+            self.state.plateau_best, self.state.plateau_waits = None, 0
             self.optimizer = apply_handoff(
                 self.optimizer, self.model, cfg, first_stage=stage.index == 0
             )
@@ -384,8 +392,10 @@ class _Loop:
             self.model, cfg.freeze, self.trainable_at_start, field=f"stages[{stage.index}].freeze"
         )
 
-    def _train_stage(self, stage: Stage, bar: Any, stop_after: int | None) -> bool:
-        """Run the stage's remaining steps; False when stopped early by ``stop_after``."""
+    def _train_stage(
+        self, stage: Stage, bar: Any, stop_after: int | None
+    ) -> AdvanceDecision | None:
+        """Run the stage until its end or its advance rule; None when stopped by ``stop_after``."""
         assert self.optimizer is not None and stage.config.optimizer is not None
         optimizer, model, state = self.optimizer, self.model, self.state
         grad_clip = stage.config.optimizer.grad_clip
@@ -394,6 +404,13 @@ class _Loop:
             (ev, _Interval(ev.every or self.config.eval_every))
             for ev in self.curriculum.evals_for(stage)
         ]
+        rule = stage.config.advance
+        min_steps = 0
+        if rule is not None and rule.min_duration is not None:
+            min_steps = stage.context.to_steps(
+                Duration.parse(rule.min_duration),
+                field=f"stages[{stage.index}].advance.min_duration",
+            )
         model.train()
         for stage_step in range(state.stage_step, stage.steps):
             inputs, targets = stage.batch(stage_step, self.rank, self.world_size)
@@ -424,14 +441,28 @@ class _Loop:
             if state.step % self.config.log_every == 0 or state.stage_step == stage.steps:
                 self._log_train(stage, loss, terms, lr, bar)
             self._emit("on_step_end")
+            decision = AdvanceDecision(False)
             for ev, interval in evals:
                 if interval.due(before, state, stage) and state.stage_step != stage.steps:
-                    self._evaluate(stage, ev)
+                    metrics = self._evaluate(stage, ev)
+                    if rule is not None and rule.metric.startswith(ev.name + "."):
+                        value = metrics[rule.metric[len(ev.name) + 1 :]]
+                        decision = self._agree(check_advance(rule, value, state, min_steps))
+            if decision.advance:
+                return decision
             if self.checkpoint_every.due(before, state, stage) and state.stage_step != stage.steps:
                 self._checkpoint(stage)
             if stop_after is not None and state.step >= stop_after:
-                return False
-        return True
+                return None
+        return AdvanceDecision(False, "duration", f"reached its duration {stage.config.duration}")
+
+    def _agree(self, decision: AdvanceDecision) -> AdvanceDecision:
+        """Every rank takes rank 0's decision (they compute the same one from reduced metrics)."""
+        if self.world_size == 1:
+            return decision
+        flag = torch.tensor([int(decision.advance)], dtype=torch.int64)
+        torch.distributed.broadcast(flag, src=0)
+        return dataclasses.replace(decision, advance=bool(flag.item()))
 
     def _log_train(
         self, stage: Stage, loss: torch.Tensor, terms: dict[str, torch.Tensor], lr: float, bar: Any
@@ -479,6 +510,7 @@ class _Loop:
                 torch.distributed.all_reduce(value)
         metrics = finalize_metrics(sums, list(ev.metrics))
         self.last_metrics[ev.name] = metrics
+        self._last_eval_step[ev.name] = self.state.step
         self.logger.log(
             self._record(
                 "eval",
@@ -493,14 +525,21 @@ class _Loop:
         self._emit("on_eval", ev.name, metrics)
         return metrics
 
-    def _finish_stage(self, stage: Stage) -> None:
+    def _finish_stage(self, stage: Stage, ending: AdvanceDecision, bar: Any) -> None:
         for ev in self.curriculum.evals_for(stage):
-            self._evaluate(stage, ev)
+            if self._last_eval_step.get(ev.name) != self.state.step:
+                self._evaluate(stage, ev)
+        message = f"stage {stage.name!r} ended at step {self.state.step:,}: {ending.detail}"
+        if ending.advance:
+            message += f" ({ending.reason}; planned up to {stage.steps:,} stage steps)"
+        if self.is_main and bar.disable is False:
+            bar.write(message)
         self.logger.log(
             self._record(
                 "stage_end",
                 stage,
-                reason="duration",
+                reason=ending.reason,
+                detail=ending.detail,
                 samples=self.state.samples,
                 tokens=self.state.tokens,
                 time=self._elapsed(),

@@ -116,6 +116,7 @@ def make_plan(curriculum: Curriculum) -> Plan:
                 lr_end=stage.lr(stage.steps - 1),
                 warmup_steps=stage.warmup_steps,
                 sources=sources,
+                up_to=stage.config.advance is not None,
             )
         )
         step += stage.steps

@@ -15,6 +15,7 @@ from stagetrain.errors import ConfigError
 
 BUILTIN_SOURCES: dict[str, str] = {
     "parity": "stagetrain.recipes.parity:parity_dataset",
+    "digits": "stagetrain.recipes.digits:noisy_digits",
 }
 """Built-in data sources: name -> import path of a factory ``(**args) -> Dataset``."""
 
@@ -59,3 +60,52 @@ def resolve_factory(
     if not callable(target):
         raise ConfigError(f"{field}: {factory!r} is not callable")
     return target
+
+
+def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
+    """Build the ``nn.Module`` a :class:`~stagetrain.config.ModelConfig` declares.
+
+    The factory runs under ``torch.manual_seed(seed)`` so initial weights follow the
+    seed; ``weights`` (a state_dict file or ``.safetensors``) is then loaded safely.
+    """
+    import torch
+
+    from stagetrain.errors import StageTrainError
+
+    factory = resolve_factory(
+        builtin=cfg.builtin, factory=cfg.factory, table=BUILTIN_MODELS, field=field, kind="model"
+    )
+    torch.manual_seed(seed)
+    try:
+        model = factory(**cfg.args)
+    except TypeError as exc:
+        raise ConfigError(f"{field}.args: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise StageTrainError(f"{field}: the factory returned {type(model).__name__}, not a Module")
+    if cfg.weights is not None:
+        model.load_state_dict(_load_weights(cfg.weights, field=f"{field}.weights"))
+    return model
+
+
+def _load_weights(path: str, *, field: str) -> dict[str, Any]:
+    from pathlib import Path
+
+    from stagetrain.errors import CheckpointError
+
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{field}: weights file {path!r} not found")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(file)))
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{field}: cannot load {path!r} safely ({first})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a stagetrain checkpoint: take its model weights
+    return dict(state)
