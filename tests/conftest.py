@@ -60,3 +60,9 @@ def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def tiny_config() -> dict[str, Any]:
     return tiny_config_dict()
+
+
+@pytest.fixture(autouse=True)
+def _score_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep difficulty scores of each test in a fresh directory, never in ~/.cache."""
+    monkeypatch.setenv("STAGETRAIN_CACHE", str(tmp_path_factory.mktemp("scores")))

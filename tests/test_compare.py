@@ -58,6 +58,19 @@ def test_arm_data(tiny_config: dict[str, Any]) -> None:
     assert [(s.name, s.duration) for s in anti.stages] == [("target", "40ba"), ("easy", "30ba")]
 
 
+def test_random_order_arm(tiny_config: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="'random-order' needs a stage with pacing"):
+        derive_arm(Curriculum(parse_config(tiny_config)), "random-order")
+    source = tiny_config["stages"][1]["data"]
+    source["difficulty"] = {"scorer": "callable", "fn": "scorers_for_tests:by_first_feature"}
+    tiny_config["stages"][1]["pacing"] = {"kind": "step", "a": 0.5, "b": 0.3}
+    config = parse_config(tiny_config)
+    arm = derive_arm(Curriculum(config), "random-order")
+    assert arm.stages[1].pacing is not None and arm.stages[1].pacing.order == "random"
+    assert arm.stages[0] == config.stages[0]
+    assert lr_trajectory(arm) == lr_trajectory(config)
+
+
 def test_underivable_and_unknown_arms(tiny_config: dict[str, Any]) -> None:
     tiny_config["stages"] = tiny_config["stages"][:1]
     curriculum = Curriculum(parse_config(tiny_config))

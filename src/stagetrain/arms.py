@@ -8,6 +8,7 @@ arm                    what it trains on
 ``union``              every stage's data shuffled together (each sample equally likely)
 ``anti``               the stages in reverse order (same durations, reversed)
 ``easy-only``          the first stage's data only, one stage
+``random-order``       the same stages and pacing, over a random difficulty order
 ====================== ===============================================================
 
 Every derived arm has the curriculum's total budget and follows the curriculum's own
@@ -25,7 +26,7 @@ from stagetrain.curriculum import Curriculum
 from stagetrain.errors import ConfigError
 from stagetrain.schedules import JoinPart, JoinSchedule, LinearSchedule
 
-ARMS = ("curriculum", "baseline", "union", "anti", "easy-only")
+ARMS = ("curriculum", "baseline", "union", "anti", "easy-only", "random-order")
 """Every arm ``compare`` can derive, in display order."""
 
 
@@ -61,6 +62,22 @@ def derive_arm(curriculum: Curriculum, arm: str) -> CurriculumConfig:
         raise ConfigError("global_lr: compare derives the arms' LR itself; remove global_lr")
     if arm == "curriculum":
         return config
+    if arm == "random-order":
+        if not any(s.pacing is not None for s in config.stages):
+            raise ConfigError("arms: 'random-order' needs a stage with pacing")
+        # Same stages, budget and LR (they are untouched); only the order changes.
+        return config.model_copy(
+            update={
+                "stages": [
+                    s
+                    if s.pacing is None
+                    else s.model_copy(
+                        update={"pacing": s.pacing.model_copy(update={"order": "random"})}
+                    )
+                    for s in config.stages
+                ]
+            }
+        )
     stages = config.resolved_stages()
     if len(stages) < 2 and arm in ("anti", "union", "easy-only"):
         raise ConfigError(f"arms: {arm!r} needs a curriculum of at least two stages")

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--arms",
         default="curriculum,baseline",
-        help="comma-separated: curriculum, baseline, union, anti, easy-only (default: %(default)s)",
+        help="comma-separated: curriculum, baseline, union, anti, easy-only, random-order "
+        "(default: %(default)s)",
     )
     cmp.add_argument("--seeds", type=int, default=5, help="seeds per arm (default: %(default)s)")
     cmp.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")

@@ -20,6 +20,7 @@ ARM_COLORS = {
     "union": "#2ca02c",
     "anti": "#9467bd",
     "easy-only": "#ff7f0e",
+    "random-order": "#8c564b",
 }
 
 
