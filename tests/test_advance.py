@@ -123,7 +123,7 @@ def test_resume_mid_plateau_keeps_the_counters(tmp_path: Path, tiny_config: dict
 def test_paced_stage_trains(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
     tiny_config["stages"][1]["data"]["difficulty"] = {
         "scorer": "callable",
-        "fn": "scorers_for_tests:by_first_feature",
+        "fn": "helpers_for_tests:by_first_feature",
     }
     tiny_config["stages"][1]["pacing"] = {
         "kind": "linear",

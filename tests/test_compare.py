@@ -62,7 +62,7 @@ def test_random_order_arm(tiny_config: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="'random-order' needs a stage with pacing"):
         derive_arm(Curriculum(parse_config(tiny_config)), "random-order")
     source = tiny_config["stages"][1]["data"]
-    source["difficulty"] = {"scorer": "callable", "fn": "scorers_for_tests:by_first_feature"}
+    source["difficulty"] = {"scorer": "callable", "fn": "helpers_for_tests:by_first_feature"}
     tiny_config["stages"][1]["pacing"] = {"kind": "step", "a": 0.5, "b": 0.3}
     config = parse_config(tiny_config)
     arm = derive_arm(Curriculum(config), "random-order")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import helpers_for_tests
 import numpy as np
 import pytest
-import scorers_for_tests
 import torch
 from pydantic import ValidationError
 
@@ -27,20 +27,20 @@ def scorer(tmp_path: Path, **kwargs: Any) -> DifficultyScorer:
 
 def test_cache_is_hit_on_the_second_run(tmp_path: Path) -> None:
     cfg = DifficultyConfig(
-        scorer="callable", fn="scorers_for_tests:by_first_feature", batch_size=16
+        scorer="callable", fn="helpers_for_tests:by_first_feature", batch_size=16
     )
-    before = scorers_for_tests.CALLS["count"]
+    before = helpers_for_tests.CALLS["count"]
     first = scorer(tmp_path).scores(toy_dataset(), cfg, identity="toy", field="src")
-    calls_first = scorers_for_tests.CALLS["count"] - before
+    calls_first = helpers_for_tests.CALLS["count"] - before
     assert calls_first == 3  # 40 samples in batches of 16
     again = scorer(tmp_path)  # a new process would start like this: a fresh scorer, same cache
     second = again.scores(toy_dataset(), cfg, identity="toy", field="src")
-    assert scorers_for_tests.CALLS["count"] - before == calls_first  # not called again
+    assert helpers_for_tests.CALLS["count"] - before == calls_first  # not called again
     assert again.computed == 0
     assert np.array_equal(first, second) and first.tolist() == list(range(40))
     # a different dataset (or scorer) is a different key
     scorer(tmp_path).scores(toy_dataset(41), cfg, identity="toy", field="src")
-    assert scorers_for_tests.CALLS["count"] - before > calls_first
+    assert helpers_for_tests.CALLS["count"] - before > calls_first
 
 
 def test_length_scorer(tmp_path: Path) -> None:
@@ -141,7 +141,7 @@ def test_stage_from_the_easiest_part_of_one_dataset(tiny_config: dict[str, Any])
     tiny_config["stages"][0]["data"] = {
         **uniform,
         "name": "easiest-25%",
-        "difficulty": {"scorer": "callable", "fn": "scorers_for_tests:by_first_feature"},
+        "difficulty": {"scorer": "callable", "fn": "helpers_for_tests:by_first_feature"},
         "select": {"easiest": 0.25},
     }
     curriculum = Curriculum(parse_config(tiny_config), progress=False)

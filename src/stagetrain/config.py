@@ -465,6 +465,23 @@ class GlobalLR(_Config):
     schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
 
 
+class NonFiniteConfig(_Config):
+    """What happens when the loss is NaN or infinite.
+
+    ``raise`` (default) stops with an error naming the step, stage and loss terms; it
+    checks on the device and reads back only at logging and checkpoint time, so it costs
+    no per-step synchronisation. ``skip`` drops the batch's update (at most
+    ``max_consecutive_skips`` in a row). ``rollback`` restores the newest checkpoint and
+    multiplies the learning rate by ``rollback_lr_factor`` (at most ``max_rollbacks``
+    times). ``skip`` and ``rollback`` read the loss back every step.
+    """
+
+    policy: Literal["raise", "skip", "rollback"] = "raise"
+    max_consecutive_skips: int = Field(default=10, ge=1)
+    rollback_lr_factor: float = Field(default=0.5, gt=0, lt=1)
+    max_rollbacks: int = Field(default=3, ge=1)
+
+
 class CurriculumConfig(_Config):
     """A whole curriculum: ordered stages plus everything shared by all of them."""
 
@@ -479,6 +496,7 @@ class CurriculumConfig(_Config):
     eval_every: str | None = None
     log_every: int = Field(default=10, gt=0)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     global_lr: GlobalLR | None = None
     """When set, the LR at global step ``t`` is ``global_lr.lr * schedule(t)`` in every stage."""
 
@@ -564,8 +582,8 @@ class CurriculumConfig(_Config):
     def fingerprint_dict(self) -> dict[str, Any]:
         """What defines the curriculum for resume purposes (everything but log cadence)."""
         data = self.to_dict()
-        data.pop("log_every", None)
-        data.pop("checkpoint", None)
+        for run_only in ("log_every", "checkpoint", "nonfinite"):
+            data.pop(run_only, None)
         return data
 
     def fingerprint(self) -> str:
@@ -599,6 +617,8 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
         elif part in ("function-after[_exactly_one(), SourceConfig]",) or "[" in str(part):
             # pydantic names validator wrappers in the location; they mean nothing to users.
             continue
+        elif not re.fullmatch(r"[A-Za-z_][\w-]*", str(part)):
+            out += f"[{str(part)!r}]"  # an odd key from the file, quoted so the path stays readable
         else:
             out += f".{part}" if out else str(part)
     return out

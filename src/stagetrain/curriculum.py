@@ -64,6 +64,11 @@ class TrainState:
     """Best value so far of the stage's advance metric (plateau rule)."""
     plateau_waits: int = 0
     """Evaluations in a row without improvement (plateau rule)."""
+    lr_scale: float = 1.0
+    """Multiplier on every LR, lowered by each NaN rollback."""
+    rollbacks: int = 0
+    skipped: int = 0
+    """Batches whose update was skipped for a non-finite loss."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

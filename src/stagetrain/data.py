@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import default_collate
 
 from stagetrain.config import SourceConfig
-from stagetrain.errors import DataError
+from stagetrain.errors import DataError, StageTrainError
 from stagetrain.registry import BUILTIN_SOURCES, resolve_factory
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -153,8 +153,12 @@ class SourceBuilder:
                 args["seed"] = self.seed
             try:
                 dataset = factory(**args)
-            except TypeError as exc:
-                raise DataError(f"{field}: bad arguments for {source.label}: {exc}") from exc
+            except StageTrainError:
+                raise
+            except Exception as exc:  # a user factory may raise anything: name the source
+                raise DataError(
+                    f"{field}: building {source.label!r} failed: {type(exc).__name__}: {exc}"
+                ) from exc
             self._cache[key] = _check_dataset(dataset, field)
         return self._cache[key]
 

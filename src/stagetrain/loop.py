@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,8 +99,11 @@ def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{stamp}"
 
 
-def check_writable(run_dir: Path) -> None:
-    """Fail before training when the run directory cannot be written."""
+def check_writable(run_dir: Path, needed_bytes: int = 0) -> None:
+    """Fail before training when the run directory cannot be written or has too little space.
+
+    ``needed_bytes`` is an estimate of what the run's checkpoints will occupy.
+    """
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -109,6 +113,18 @@ def check_writable(run_dir: Path) -> None:
         raise StageTrainError(
             f"{run_dir}: run directory is not writable ({exc.strerror})"
         ) from None
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise StageTrainError(
+            f"{run_dir}: only {free / 2**20:,.1f} MiB free, but the checkpoints need about "
+            f"{needed_bytes / 2**20:,.1f} MiB; free space or lower checkpoint.keep"
+        )
+
+
+def checkpoint_bytes_estimate(model: torch.nn.Module, keep: int) -> int:
+    """Model + two optimizer moments per kept checkpoint, one more while writing, plus logs."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return params * 3 * (keep + 1) + (1 << 20)
 
 
 def _distributed() -> tuple[int, int]:
@@ -164,7 +180,7 @@ def fit(
     if resume and not run_path.is_dir():
         raise CheckpointError(f"{run_path}: no such run directory to resume")
     if is_main:
-        check_writable(run_path)
+        check_writable(run_path, checkpoint_bytes_estimate(model, config.checkpoint.keep))
     dev = torch.device(device) if device is not None else _default_device()
     model.to(dev)
     if teacher is not None:
@@ -177,14 +193,7 @@ def fit(
     if resume:
         payload, _entry = store.load_latest()
         state = _check_resume(payload, curriculum, on_change)
-        model.load_state_dict(payload["model"])
-        opt_cfg = curriculum.stages[
-            min(state.stage_index, len(curriculum.stages) - 1)
-        ].config.optimizer
-        assert opt_cfg is not None
-        optimizer = build_optimizer(model.parameters(), opt_cfg)
-        optimizer.load_state_dict(payload["optimizer"])
-        set_rng_state(payload["rng"])
+        optimizer = _restore(payload, curriculum, model, state)
         resume_lines = int(payload["log_lines"])
     else:
         torch.manual_seed(config.seed)
@@ -226,6 +235,23 @@ def fit(
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _restore(
+    payload: dict[str, Any], curriculum: Curriculum, model: torch.nn.Module, state: TrainState
+) -> torch.optim.Optimizer:
+    """Load model, optimizer and RNG from a checkpoint; returns the optimizer for ``state``."""
+    model.load_state_dict(payload["model"])
+    opt_cfg = curriculum.stages[min(state.stage_index, len(curriculum.stages) - 1)].config.optimizer
+    assert opt_cfg is not None
+    optimizer = build_optimizer(model.parameters(), opt_cfg)
+    optimizer.load_state_dict(payload["optimizer"])
+    set_rng_state(payload["rng"])
+    return optimizer
+
+
+class _Rollback(Exception):
+    """Raised inside the step loop to restart from the newest checkpoint (NaN policy)."""
 
 
 def _check_resume(
@@ -296,6 +322,8 @@ class _Loop:
         self.trainable_at_start = trainable_at_start
         self.last_metrics: dict[str, dict[str, float]] = {}
         self._last_eval_step: dict[str, int] = {}
+        self._consecutive_skips = 0
+        self._watch_reset()
         self.checkpoint_every = _Interval(self.config.checkpoint.every)
         self._clock_start = time.perf_counter()
         self._elapsed_base = state.elapsed_s
@@ -313,7 +341,7 @@ class _Loop:
 
     def _context(self) -> RunContext:
         assert self.optimizer is not None
-        stage = self.curriculum.stages[min(self.state.stage_index, len(self.curriculum.stages) - 1)]
+        stage = self._current_stage()
         return RunContext(
             self.curriculum,
             self.model,
@@ -323,6 +351,10 @@ class _Loop:
             stage,
             self.last_metrics,
         )
+
+    def _current_stage(self) -> Stage:
+        """The stage in progress (the last one once the run is complete)."""
+        return self.curriculum.stages[min(self.state.stage_index, len(self.curriculum.stages) - 1)]
 
     def _record(self, kind: str, stage: Stage, **fields: Any) -> dict[str, Any]:
         return {
@@ -349,7 +381,11 @@ class _Loop:
                 stage = stages[self.state.stage_index]
                 self._enter_stage(stage)
                 bar.set_description(f"[{stage.index + 1}/{len(stages)}] {stage.name}")
-                ending = self._train_stage(stage, bar, stop_after)
+                try:
+                    ending = self._train_stage(stage, bar, stop_after)
+                except _Rollback as rollback:
+                    self._roll_back(str(rollback), bar)
+                    continue
                 if ending is None:
                     return
                 if ending.advance:
@@ -366,6 +402,65 @@ class _Loop:
                 atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         finally:
             bar.close()
+
+    def _roll_back(self, detail: str, bar: Any) -> None:
+        """Restore the newest checkpoint and lower the LR (the 'rollback' NaN policy)."""
+        policy = self.config.nonfinite
+        if self.state.rollbacks >= policy.max_rollbacks:
+            raise TrainingError(f"{detail}; gave up after {policy.max_rollbacks} rollbacks")
+        try:
+            payload, _entry = self.store.load_latest()
+        except CheckpointError:
+            raise TrainingError(f"{detail}; no checkpoint to roll back to") from None
+        state = TrainState.from_dict(payload["state"])
+        state.lr_scale = self.state.lr_scale * policy.rollback_lr_factor
+        state.rollbacks = self.state.rollbacks + 1
+        state.skipped = self.state.skipped
+        self.logger.log(
+            self._record(
+                "rollback", self._current_stage(), detail=detail, to_step=state.step,
+                lr_scale=state.lr_scale, time=self._elapsed(),
+            )
+        )  # fmt: skip
+        self.optimizer = _restore(payload, self.curriculum, self.model, state)
+        self.state = state
+        self._watch_reset()
+        bar.n = state.step
+        bar.refresh()
+        if self.is_main and not bar.disable:
+            bar.write(f"{detail}: rolled back to step {state.step:,}, LR x{state.lr_scale:g}")
+
+    def _watch_reset(self) -> None:
+        self._first_bad: torch.Tensor | None = None
+        self._bad_terms: torch.Tensor | None = None
+
+    def _watch(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
+        """Remember, on the device, the first step with a non-finite loss (no host sync)."""
+        bad = ~torch.isfinite(loss.detach())
+        term_bad = torch.stack([~torch.isfinite(t.detach()) for t in terms.values()])
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._bad_terms = torch.zeros_like(term_bad)
+        assert self._bad_terms is not None
+        first_now = bad & (self._first_bad < 0)
+        self._first_bad = torch.where(first_now, step, self._first_bad)
+        self._bad_terms = torch.where(first_now, term_bad, self._bad_terms)
+
+    def _check_finite(self, stage: Stage, terms: list[str]) -> None:
+        """Raise (policy 'raise') if any step since the last check had a non-finite loss."""
+        if self._first_bad is None:
+            return
+        first = int(self._first_bad)  # host sync: only at logging / checkpoint / stage end
+        if first < 0:
+            return
+        assert self._bad_terms is not None
+        bad_terms = [name for name, bad in zip(terms, self._bad_terms.tolist(), strict=True) if bad]
+        stage_step = first - (self.state.step - self.state.stage_step)
+        raise TrainingError(
+            f"non-finite loss at step {first} in stage {stage.name!r} (stage step {stage_step}); "
+            f"non-finite terms: {bad_terms or terms}. Lower the LR, set grad_clip, or choose "
+            "nonfinite.policy 'skip' or 'rollback'"
+        )
 
     def _enter_stage(self, stage: Stage) -> None:
         cfg = stage.config
@@ -404,6 +499,7 @@ class _Loop:
             (ev, _Interval(ev.every or self.config.eval_every))
             for ev in self.curriculum.evals_for(stage)
         ]
+        policy = self.config.nonfinite.policy
         rule = stage.config.advance
         min_steps = 0
         if rule is not None and rule.min_duration is not None:
@@ -416,7 +512,7 @@ class _Loop:
             inputs, targets = stage.batch(stage_step, self.rank, self.world_size)
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            lr = stage.lr(stage_step, state.step)
+            lr = stage.lr(stage_step, state.step) * state.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             output = model(inputs)
@@ -426,10 +522,16 @@ class _Loop:
                 with torch.no_grad():
                     teacher_output = self.teacher(inputs)
             loss, terms = stage.loss(output, targets, teacher_output)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            if policy == "raise":
+                self._watch(loss, terms, state.step)
+                update = True
+            else:
+                update = self._finite_or_handle(stage, loss, terms)
+            if update:
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
             before = TrainState(**state.to_dict())
@@ -451,10 +553,35 @@ class _Loop:
             if decision.advance:
                 return decision
             if self.checkpoint_every.due(before, state, stage) and state.stage_step != stage.steps:
+                self._check_finite(stage, list(stage.loss.names))
                 self._checkpoint(stage)
             if stop_after is not None and state.step >= stop_after:
                 return None
+        self._check_finite(stage, list(stage.loss.names))
         return AdvanceDecision(False, "duration", f"reached its duration {stage.config.duration}")
+
+    def _finite_or_handle(
+        self, stage: Stage, loss: torch.Tensor, terms: dict[str, torch.Tensor]
+    ) -> bool:
+        """Policies 'skip' and 'rollback': True when the loss is finite and the update may run."""
+        value = float(loss.detach())  # a per-step host sync, the price of these policies
+        if math.isfinite(value):
+            self._consecutive_skips = 0
+            return True
+        bad = [k for k, v in terms.items() if not math.isfinite(float(v.detach()))]
+        detail = (
+            f"non-finite loss at step {self.state.step} in stage {stage.name!r} "
+            f"(stage step {self.state.stage_step}; terms {bad or list(terms)})"
+        )
+        if self.config.nonfinite.policy == "rollback":
+            raise _Rollback(detail)
+        self._consecutive_skips += 1
+        self.state.skipped += 1
+        limit = self.config.nonfinite.max_consecutive_skips
+        if self._consecutive_skips > limit:
+            raise TrainingError(f"{detail}; more than {limit} consecutive batches skipped")
+        self.logger.log(self._record("skip", stage, detail=detail, time=self._elapsed()))
+        return False
 
     def _agree(self, decision: AdvanceDecision) -> AdvanceDecision:
         """Every rank takes rank 0's decision (they compute the same one from reduced metrics)."""
@@ -467,16 +594,11 @@ class _Loop:
     def _log_train(
         self, stage: Stage, loss: torch.Tensor, terms: dict[str, torch.Tensor], lr: float, bar: Any
     ) -> None:
+        self._check_finite(stage, list(terms))
         value = float(loss.detach())  # the one host sync, at logging intervals only
         term_values = (
             {f"loss/{k}": float(v.detach()) for k, v in terms.items()} if len(terms) > 1 else {}
         )
-        if not math.isfinite(value):
-            bad = [k for k, v in terms.items() if not math.isfinite(float(v.detach()))]
-            raise TrainingError(
-                f"non-finite loss {value} at step {self.state.step} in stage {stage.name!r} "
-                f"(stage step {self.state.stage_step}); terms at fault: {bad or list(terms)}"
-            )
         self.logger.log(
             self._record(
                 "train",

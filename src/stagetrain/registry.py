@@ -78,8 +78,12 @@ def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
     torch.manual_seed(seed)
     try:
         model = factory(**cfg.args)
-    except TypeError as exc:
-        raise ConfigError(f"{field}.args: {exc}") from exc
+    except StageTrainError:
+        raise
+    except Exception as exc:  # a user factory may raise anything: name the field
+        raise ConfigError(
+            f"{field}: building the model failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(model, torch.nn.Module):
         raise StageTrainError(f"{field}: the factory returned {type(model).__name__}, not a Module")
     if cfg.weights is not None:
