@@ -26,3 +26,30 @@ def cross_entropy_with_nans(output: torch.Tensor, target: torch.Tensor) -> torch
 
 def inject_nans(steps: set[int] = frozenset(), always_after: int | None = None) -> None:  # type: ignore[assignment]
     NAN_AT.update(calls=0, steps=set(steps), always_after=always_after)
+
+
+class _KillAt(torch.nn.Module):
+    """Wraps a model; SIGKILLs its own process at forward call ``at`` on rank ``rank`` of the
+    first attempt of a torchrun job (a way to test restarts)."""
+
+    def __init__(self, inner: torch.nn.Module, at: int, rank: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.at, self.rank, self.calls = at, rank, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        import signal
+
+        if self.training:
+            self.calls += 1
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if first_attempt and self.calls == self.at and os.environ.get("RANK") == str(self.rank):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(x)
+
+
+def mlp_killed_at(*, at: int, rank: int = 1, **mlp_args: object) -> torch.nn.Module:
+    from stagetrain.recipes.models import mlp
+
+    return _KillAt(mlp(**mlp_args), at, rank)  # type: ignore[arg-type]

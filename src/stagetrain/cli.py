@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stagetrain.errors import StageTrainError
+from stagetrain.errors import ConfigError, StageTrainError
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -28,17 +29,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.seed is not None:
         config = config.model_copy(update={"seed": args.seed})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.run_dir is None:
+        raise ConfigError("--run-dir: required when several processes share one run")
+    resume = args.resume
+    # Under torchrun --max-restarts, a restarted job continues from its last checkpoint.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if (args.auto_resume or restarted) and args.run_dir is not None:
+        resume = resume or (args.run_dir / "checkpoints" / "manifest.json").exists()
     curriculum = Curriculum(config)
     model = curriculum.build_model()
     result = fit(
         model,
         curriculum,
         run_dir=args.run_dir,
-        resume=args.resume,
+        resume=resume,
         on_change=args.on_change,
         device=args.device,
         progress=not args.no_progress,
     )
+    if result.state.step and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # only rank 0 reports
     for name, metrics in result.metrics.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         print(f"{name}: {shown}")
@@ -109,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["refuse", "keep-position", "restart-stage"],
         default="refuse",
         help="what to do when resuming a changed curriculum (default: refuse and list changes)",
+    )
+    run.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume when --run-dir holds a checkpoint, else start "
+        "(implied after a torchrun restart)",
     )
     run.add_argument("--seed", type=int, default=None, help="override the config's seed")
     run.add_argument(

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from stagetrain.advance import AdvanceDecision, check_advance
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text, rng_state, set_rng_state
 from stagetrain.config import CurriculumConfig, config_diff, load_config
 from stagetrain.curriculum import Curriculum, Stage, TrainState
-from stagetrain.errors import CheckpointError, StageTrainError, TrainingError
+from stagetrain.distributed import DistInfo, default_device, gather_objects, init_from_env, wrap_ddp
+from stagetrain.errors import CheckpointError, ConfigError, StageTrainError, TrainingError
 from stagetrain.evaluation import evaluate, finalize_metrics
 from stagetrain.handoff import apply_freeze, apply_handoff, build_optimizer
 from stagetrain.logs import RunLogger
@@ -127,12 +129,6 @@ def checkpoint_bytes_estimate(model: torch.nn.Module, keep: int) -> int:
     return params * 3 * (keep + 1) + (1 << 20)
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def fit(
     model: torch.nn.Module,
     curriculum: Curriculum | CurriculumConfig | str | Path,
@@ -174,14 +170,20 @@ def fit(
         config = curriculum if isinstance(curriculum, CurriculumConfig) else load_config(curriculum)
         curriculum = Curriculum(config, datasets=datasets, has_teacher=teacher is not None)
     config = curriculum.config
-    rank, world_size = _distributed()
-    is_main = rank == 0
+    info = init_from_env()
+    rank, world_size, is_main = info.rank, info.world_size, info.is_main
+    for stage in curriculum.stages:
+        if stage.batch_size % world_size:
+            raise ConfigError(
+                f"stages[{stage.index}].batch_size: {stage.batch_size} is not divisible by the "
+                f"world size {world_size}; the global batch is split evenly across ranks"
+            )
     run_path = Path(run_dir) if run_dir is not None else default_run_dir(config.name)
     if resume and not run_path.is_dir():
         raise CheckpointError(f"{run_path}: no such run directory to resume")
     if is_main:
         check_writable(run_path, checkpoint_bytes_estimate(model, config.checkpoint.keep))
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = torch.device(device) if device is not None else default_device(info)
     model.to(dev)
     if teacher is not None:
         teacher.to(dev).eval()
@@ -193,7 +195,7 @@ def fit(
     if resume:
         payload, _entry = store.load_latest()
         state = _check_resume(payload, curriculum, on_change)
-        optimizer = _restore(payload, curriculum, model, state)
+        optimizer = _restore(payload, curriculum, model, state, info)
         resume_lines = int(payload["log_lines"])
     else:
         torch.manual_seed(config.seed)
@@ -233,20 +235,38 @@ def fit(
     return FitResult(loop.state, loop.last_metrics, run_path)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _restore(
-    payload: dict[str, Any], curriculum: Curriculum, model: torch.nn.Module, state: TrainState
+    payload: dict[str, Any],
+    curriculum: Curriculum,
+    model: torch.nn.Module,
+    state: TrainState,
+    info: DistInfo,
 ) -> torch.optim.Optimizer:
-    """Load model, optimizer and RNG from a checkpoint; returns the optimizer for ``state``."""
+    """Load model, optimizer and RNG from a checkpoint; returns the optimizer for ``state``.
+
+    The data order depends only on the global step, so any world size continues it
+    exactly. Per-rank random streams (dropout) continue exactly only with the world
+    size the checkpoint was written with; otherwise each rank's stream is re-seeded
+    from (seed, step, rank), and a warning says so.
+    """
     model.load_state_dict(payload["model"])
     opt_cfg = curriculum.stages[min(state.stage_index, len(curriculum.stages) - 1)].config.optimizer
     assert opt_cfg is not None
     optimizer = build_optimizer(model.parameters(), opt_cfg)
     optimizer.load_state_dict(payload["optimizer"])
-    set_rng_state(payload["rng"])
+    rngs = payload["rng"]
+    if len(rngs) == info.world_size:
+        set_rng_state(rngs[info.rank])
+    else:
+        set_rng_state(rngs[0])
+        torch.manual_seed(hash((curriculum.config.seed, state.step, info.rank)) & 0xFFFF_FFFF)
+        if info.is_main:
+            warnings.warn(
+                f"resuming with world size {info.world_size} from a checkpoint written with "
+                f"{len(rngs)}: the data order continues exactly; per-rank random streams "
+                "(dropout) are re-seeded from (seed, step, rank)",
+                stacklevel=3,
+            )
     return optimizer
 
 
@@ -318,6 +338,8 @@ class _Loop:
         self.callbacks = callbacks
         self.rank = rank
         self.world_size = world_size
+        self.info = DistInfo(rank, world_size, device.index or 0)
+        self.train_model: torch.nn.Module = model
         self.is_main = rank == 0
         self.trainable_at_start = trainable_at_start
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -422,7 +444,7 @@ class _Loop:
                 lr_scale=state.lr_scale, time=self._elapsed(),
             )
         )  # fmt: skip
-        self.optimizer = _restore(payload, self.curriculum, self.model, state)
+        self.optimizer = _restore(payload, self.curriculum, self.model, state, self.info)
         self.state = state
         self._watch_reset()
         bar.n = state.step
@@ -486,13 +508,15 @@ class _Loop:
         apply_freeze(
             self.model, cfg.freeze, self.trainable_at_start, field=f"stages[{stage.index}].freeze"
         )
+        # DDP tracks the parameters that require gradients when it is built: rebuild per stage.
+        self.train_model = wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
 
     def _train_stage(
         self, stage: Stage, bar: Any, stop_after: int | None
     ) -> AdvanceDecision | None:
         """Run the stage until its end or its advance rule; None when stopped by ``stop_after``."""
         assert self.optimizer is not None and stage.config.optimizer is not None
-        optimizer, model, state = self.optimizer, self.model, self.state
+        optimizer, model, state = self.optimizer, self.train_model, self.state
         grad_clip = stage.config.optimizer.grad_clip
         tokens_per_step = stage.context.tokens(1)
         evals = [
@@ -676,12 +700,13 @@ class _Loop:
     def _checkpoint(self, stage: Stage) -> None:
         assert self.optimizer is not None
         self.state.elapsed_s = self._elapsed()
+        rngs = gather_objects(rng_state(), self.world_size)  # a collective: every rank joins
         if self.is_main:
             payload = {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "state": self.state.to_dict(),
-                "rng": rng_state(),
+                "rng": rngs,
                 "fingerprint": self.config.fingerprint(),
                 "config": json.dumps(self.config.fingerprint_dict()),
                 "log_lines": self.logger.lines,

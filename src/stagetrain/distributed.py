@@ -1,0 +1,77 @@
+"""Distributed training through PyTorch's own engine: a process group and DDP.
+
+stagetrain adds no communication of its own to data loading — every rank computes
+its shard of each global batch from the deterministic sampler. The collectives it
+does use: DDP's gradient all-reduce, the all-reduce of evaluation sums, the
+broadcast of each advance decision, a barrier after each checkpoint, and a gather
+of per-rank RNG states into the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env() -> DistInfo:
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment.
+
+    Uses NCCL when CUDA is available and gloo otherwise; a single process (no
+    ``WORLD_SIZE`` or ``WORLD_SIZE=1``) starts no group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def default_device(info: DistInfo) -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Wrap ``model`` in DistributedDataParallel (built per stage, after freezing: DDP only
+    tracks the parameters that require gradients when it is constructed)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's ``obj`` on every rank (just ``[obj]`` without a process group)."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
