@@ -163,3 +163,26 @@ def test_killed_rank_is_restarted_and_the_job_resumes(tmp_path: Path) -> None:
     ok, resumed = final_weights(tmp_path / "ok"), final_weights(tmp_path / "killed")
     for key in ok:
         assert torch.equal(ok[key], resumed[key]), key
+
+
+def test_accelerate_launch_matches_torchrun(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    path = write_config(tmp_path, tiny_config_dict())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    accelerate = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    cli = ["-m", "stagetrain.cli", "run", str(path), "--no-progress"]
+    proc = subprocess.run(
+        [*accelerate, *cli, "--engine", "accelerate", "--run-dir", str(tmp_path / "acc")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun([*cli, "--run-dir", str(tmp_path / "tr")])
+    acc, tr = final_weights(tmp_path / "acc"), final_weights(tmp_path / "tr")
+    for key in tr:
+        torch.testing.assert_close(acc[key], tr[key], rtol=1e-5, atol=1e-6)

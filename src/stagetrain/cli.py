@@ -46,6 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         on_change=args.on_change,
         device=args.device,
         progress=not args.no_progress,
+        engine=args.engine,
     )
     if result.state.step and int(os.environ.get("RANK", "0")) != 0:
         return 0  # only rank 0 reports
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--engine",
+        choices=["torch", "accelerate"],
+        default="torch",
+        help="torch: DDP under torchrun (default); accelerate: under `accelerate launch`",
+    )
     run.set_defaults(func=_cmd_run)
 
     cmp = sub.add_parser("compare", help="run the curriculum against control arms over seeds")

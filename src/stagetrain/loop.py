@@ -143,6 +143,7 @@ def fit(
     progress: bool = True,
     tensorboard: bool = True,
     stop_after: int | None = None,
+    engine: Literal["torch", "accelerate"] = "torch",
 ) -> FitResult:
     """Train ``model`` through every stage of ``curriculum``.
 
@@ -162,6 +163,8 @@ def fit(
         tensorboard: write TensorBoard events (when the package is installed).
         stop_after: stop (without a final checkpoint) once this many global steps are done;
             used to simulate an interrupted run.
+        engine: ``torch`` (the process group ``torchrun`` describes, DDP) or ``accelerate``
+            (Hugging Face Accelerate prepares model and optimizer, for ``accelerate launch``).
 
     Returns:
         A :class:`FitResult`.
@@ -170,7 +173,24 @@ def fit(
         config = curriculum if isinstance(curriculum, CurriculumConfig) else load_config(curriculum)
         curriculum = Curriculum(config, datasets=datasets, has_teacher=teacher is not None)
     config = curriculum.config
-    info = init_from_env()
+    accelerator = None
+    if engine == "accelerate":
+        try:
+            from accelerate import Accelerator
+        except ImportError:
+            raise StageTrainError(
+                "engine 'accelerate' needs: pip install 'stagetrain[accelerate]'"
+            ) from None
+        accelerator = Accelerator()
+        info = DistInfo(
+            accelerator.process_index, accelerator.num_processes, accelerator.local_process_index
+        )
+        if device is None:
+            device = accelerator.device
+    elif engine == "torch":
+        info = init_from_env()
+    else:
+        raise ConfigError(f"engine: expected 'torch' or 'accelerate', got {engine!r}")
     rank, world_size, is_main = info.rank, info.world_size, info.is_main
     for stage in curriculum.stages:
         if stage.batch_size % world_size:
@@ -227,6 +247,7 @@ def fit(
         rank,
         world_size,
         trainable_at_start,
+        accelerator,
     )
     try:
         loop.run(progress=progress and is_main, stop_after=stop_after)
@@ -324,7 +345,9 @@ class _Loop:
         rank: int,
         world_size: int,
         trainable_at_start: dict[str, bool],
+        accelerator: Any = None,
     ) -> None:
+        self.accelerator = accelerator
         self.curriculum = curriculum
         self.config = curriculum.config
         self.model = model
@@ -340,6 +363,7 @@ class _Loop:
         self.world_size = world_size
         self.info = DistInfo(rank, world_size, device.index or 0)
         self.train_model: torch.nn.Module = model
+        self.step_optimizer: Any = optimizer
         self.is_main = rank == 0
         self.trainable_at_start = trainable_at_start
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -509,14 +533,22 @@ class _Loop:
             self.model, cfg.freeze, self.trainable_at_start, field=f"stages[{stage.index}].freeze"
         )
         # DDP tracks the parameters that require gradients when it is built: rebuild per stage.
-        self.train_model = wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
+        if self.accelerator is not None:
+            # Accelerate wraps for whatever `accelerate launch` configured (DDP on CPU here).
+            self.train_model = self.accelerator.prepare_model(self.model)
+            self.step_optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        else:
+            self.train_model = (
+                wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
+            )
+            self.step_optimizer = self.optimizer
 
     def _train_stage(
         self, stage: Stage, bar: Any, stop_after: int | None
     ) -> AdvanceDecision | None:
         """Run the stage until its end or its advance rule; None when stopped by ``stop_after``."""
         assert self.optimizer is not None and stage.config.optimizer is not None
-        optimizer, model, state = self.optimizer, self.train_model, self.state
+        optimizer, model, state = self.step_optimizer, self.train_model, self.state
         grad_clip = stage.config.optimizer.grad_clip
         tokens_per_step = stage.context.tokens(1)
         evals = [
@@ -552,7 +584,10 @@ class _Loop:
             else:
                 update = self._finite_or_handle(stage, loss, terms)
             if update:
-                loss.backward()
+                if self.accelerator is not None:
+                    self.accelerator.backward(loss)
+                else:
+                    loss.backward()
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
