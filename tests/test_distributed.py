@@ -153,7 +153,7 @@ def test_killed_rank_is_restarted_and_the_job_resumes(tmp_path: Path) -> None:
     )
     killed = write_config(tmp_path, config_with(45), "killed.yaml")  # rank 1 dies mid stage 2
     proc = torchrun(
-        [*cli, str(killed), "--run-dir", str(tmp_path / "killed")], extra=["--max-restarts=1"]
+        [*cli, str(killed), "--run-dir", str(tmp_path / "killed")], extra=["--max-restarts=2"]
     )
     assert "restart" in (proc.stdout + proc.stderr).lower() or "SIGKILL" in proc.stderr
     records = [

@@ -396,6 +396,8 @@ class StageConfig(_Config):
     """Global batch size; defaults to the curriculum's ``batch_size``."""
     seq_len: int | None = Field(default=None, gt=0)
     """Truncate token sequences to this length (inputs, and targets of the same length)."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step: each rank's share of the batch is split this many ways."""
     evals: list[EvalConfig] = Field(default_factory=list)
     """Evaluation sets run only during this stage (in addition to the curriculum's)."""
     pacing: PacingConfig | None = None
@@ -495,6 +497,14 @@ class CurriculumConfig(_Config):
     evals: list[EvalConfig] = Field(default_factory=list)
     eval_every: str | None = None
     log_every: int = Field(default=10, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype of the forward pass (fp16 uses a gradient scaler)."""
+    compile: bool = False
+    """Train through ``torch.compile(model)``."""
+    data_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes preparing batches ahead (0: in the training process)."""
+    pin_memory: bool = False
+    """Pin batches in page-locked memory for faster copies to the GPU."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     global_lr: GlobalLR | None = None
@@ -582,7 +592,15 @@ class CurriculumConfig(_Config):
     def fingerprint_dict(self) -> dict[str, Any]:
         """What defines the curriculum for resume purposes (everything but log cadence)."""
         data = self.to_dict()
-        for run_only in ("log_every", "checkpoint", "nonfinite"):
+        for run_only in (
+            "log_every",
+            "checkpoint",
+            "nonfinite",
+            "precision",
+            "compile",
+            "data_workers",
+            "pin_memory",
+        ):
             data.pop(run_only, None)
         return data
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -44,12 +45,34 @@ def init_from_env() -> DistInfo:
     if world_size <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # A bounded timeout turns a rare hung connection (seen with gloo right after a
+    # torchrun restart) into a failure that torchrun's --max-restarts retries.
+    timeout = timedelta(seconds=float(os.environ.get("STAGETRAIN_DIST_TIMEOUT", "1800")))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    rank = int(os.environ.get("RANK", "0"))
+    store = _attempt_store(rank, world_size, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The launcher's key-value store, namespaced by torchrun's restart count.
+
+    After a restart, torchrun's workers reconnect to the same agent store; without a
+    fresh namespace a new rank can read a dead rank's address from the previous attempt
+    and fail to connect (seen with gloo). The prefix keeps attempts apart.
+    """
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    base = dist.TCPStore(
+        host, port, world_size, is_master=(rank == 0 and not agent_store), timeout=timeout,
+        wait_for_workers=False,
+    )  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"stagetrain/attempt-{attempt}", base)
 
 
 def default_device(info: DistInfo) -> torch.device:

@@ -8,6 +8,7 @@ in between. Everything the curriculum decides (batch, loss, LR, stage) comes fro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -16,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -29,6 +30,7 @@ from stagetrain.advance import AdvanceDecision, check_advance
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text, rng_state, set_rng_state
 from stagetrain.config import CurriculumConfig, config_diff, load_config
 from stagetrain.curriculum import Curriculum, Stage, TrainState
+from stagetrain.data import Batch
 from stagetrain.distributed import DistInfo, default_device, gather_objects, init_from_env, wrap_ddp
 from stagetrain.errors import CheckpointError, ConfigError, StageTrainError, TrainingError
 from stagetrain.evaluation import evaluate, finalize_metrics
@@ -70,6 +72,32 @@ class FitResult:
     run_dir: Path
 
 
+class _StageSteps(torch.utils.data.IterableDataset):
+    """A stage's batches from ``start`` on, split across DataLoader workers by step."""
+
+    def __init__(self, stage: Stage, start: int, rank: int, world_size: int) -> None:
+        self.stage, self.start, self.rank, self.world_size = stage, start, rank, world_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start + worker, self.stage.steps, workers):
+            yield self.stage.batch(step, self.rank, self.world_size)
+
+
+def _pin(batch: Batch) -> Batch:
+    return batch[0].pin_memory(), batch[1].pin_memory()
+
+
+@dataclass(frozen=True)
+class _Counters:
+    """The counters an interval is measured in, just before a step."""
+
+    step: int
+    samples: int
+    tokens: int
+
+
 class _Interval:
     """'Every N units' as a crossing test on the run's counters.
 
@@ -80,7 +108,7 @@ class _Interval:
     def __init__(self, text: str | None) -> None:
         self.duration = Duration.parse(text, field="every") if text else None
 
-    def due(self, before: TrainState, after: TrainState, stage: Stage) -> bool:
+    def due(self, before: _Counters, after: TrainState, stage: Stage) -> bool:
         if self.duration is None:
             return False
         unit = self.duration.unit
@@ -364,6 +392,11 @@ class _Loop:
         self.info = DistInfo(rank, world_size, device.index or 0)
         self.train_model: torch.nn.Module = model
         self.step_optimizer: Any = optimizer
+        precision = self.config.precision
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            precision
+        ]
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.is_main = rank == 0
         self.trainable_at_start = trainable_at_start
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -468,6 +501,7 @@ class _Loop:
                 lr_scale=state.lr_scale, time=self._elapsed(),
             )
         )  # fmt: skip
+        self.model.zero_grad(set_to_none=True)  # the bad step's gradients must not leak in
         self.optimizer = _restore(payload, self.curriculum, self.model, state, self.info)
         self.state = state
         self._watch_reset()
@@ -477,30 +511,29 @@ class _Loop:
             bar.write(f"{detail}: rolled back to step {state.step:,}, LR x{state.lr_scale:g}")
 
     def _watch_reset(self) -> None:
-        self._first_bad: torch.Tensor | None = None
-        self._bad_terms: torch.Tensor | None = None
+        self._pending: list[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]] = []
 
     def _watch(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
-        """Remember, on the device, the first step with a non-finite loss (no host sync)."""
-        bad = ~torch.isfinite(loss.detach())
-        term_bad = torch.stack([~torch.isfinite(t.detach()) for t in terms.values()])
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            self._bad_terms = torch.zeros_like(term_bad)
-        assert self._bad_terms is not None
-        first_now = bad & (self._first_bad < 0)
-        self._first_bad = torch.where(first_now, step, self._first_bad)
-        self._bad_terms = torch.where(first_now, term_bad, self._bad_terms)
+        """Keep this step's loss for the next finiteness check (no device work, no sync)."""
+        self._pending.append((step, loss.detach(), tuple(terms.values())))
 
     def _check_finite(self, stage: Stage, terms: list[str]) -> None:
-        """Raise (policy 'raise') if any step since the last check had a non-finite loss."""
-        if self._first_bad is None:
+        """Raise (policy 'raise') if any step since the last check had a non-finite loss.
+
+        One stacked ``isfinite`` and one read-back per check (logging, checkpoint, stage
+        end) instead of work on every step.
+        """
+        if not self._pending:
             return
-        first = int(self._first_bad)  # host sync: only at logging / checkpoint / stage end
-        if first < 0:
+        pending, self._pending = self._pending, []
+        finite = torch.isfinite(torch.stack([loss for _, loss, _ in pending]))
+        if bool(finite.all()):  # host sync: only here
             return
-        assert self._bad_terms is not None
-        bad_terms = [name for name, bad in zip(terms, self._bad_terms.tolist(), strict=True) if bad]
+        index = int((~finite).nonzero()[0, 0])
+        first, _, values = pending[index]
+        bad_terms = [
+            name for name, v in zip(terms, values, strict=True) if not torch.isfinite(v).all()
+        ]
         stage_step = first - (self.state.step - self.state.stage_step)
         raise TrainingError(
             f"non-finite loss at step {first} in stage {stage.name!r} (stage step {stage_step}); "
@@ -542,6 +575,8 @@ class _Loop:
                 wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
             )
             self.step_optimizer = self.optimizer
+        if self.config.compile:
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
     def _train_stage(
         self, stage: Stage, bar: Any, stop_after: int | None
@@ -564,36 +599,33 @@ class _Loop:
                 field=f"stages[{stage.index}].advance.min_duration",
             )
         model.train()
+        batches = self._batches(stage, state.stage_step)
         for stage_step in range(state.stage_step, stage.steps):
-            inputs, targets = stage.batch(stage_step, self.rank, self.world_size)
+            inputs, targets = next(batches)
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             lr = stage.lr(stage_step, state.step) * state.lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            output = model(inputs)
-            teacher_output = None
-            if stage.loss.needs_teacher:
-                assert self.teacher is not None
-                with torch.no_grad():
-                    teacher_output = self.teacher(inputs)
-            loss, terms = stage.loss(output, targets, teacher_output)
+            loss, terms = self._forward_backward(stage, model, inputs, targets)
             if policy == "raise":
                 self._watch(loss, terms, state.step)
                 update = True
             else:
                 update = self._finite_or_handle(stage, loss, terms)
             if update:
-                if self.accelerator is not None:
-                    self.accelerator.backward(loss)
-                else:
-                    loss.backward()
+                if self.scaler is not None:
+                    self.scaler.unscale_(optimizer)
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            before = TrainState(**state.to_dict())
+            before = _Counters(state.step, state.samples, state.tokens)
             state.step += 1
             state.stage_step += 1
             state.samples += stage.batch_size
@@ -618,6 +650,75 @@ class _Loop:
                 return None
         self._check_finite(stage, list(stage.loss.names))
         return AdvanceDecision(False, "duration", f"reached its duration {stage.config.duration}")
+
+    def _batches(self, stage: Stage, start: int) -> Iterator[Batch]:
+        """This rank's batches for stage steps ``start, start + 1, ...``.
+
+        With ``data_workers > 0`` a DataLoader prepares them in worker processes: worker
+        ``w`` builds steps ``start + w, start + w + W, ...`` and the loader hands them out
+        round-robin, so the order is exactly the single-process one.
+        """
+        workers = self.config.data_workers
+        if workers == 0:
+            for step in range(start, stage.steps):
+                batch = stage.batch(step, self.rank, self.world_size)
+                yield _pin(batch) if self.config.pin_memory else batch
+            return
+        loader = torch.utils.data.DataLoader(
+            _StageSteps(stage, start, self.rank, self.world_size),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.config.pin_memory,
+            prefetch_factor=4,
+            multiprocessing_context="fork",  # stages hold closures (schedules): no pickling
+        )
+        yield from loader
+
+    def _forward_backward(
+        self, stage: Stage, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward over ``grad_accum`` micro-batches; returns the mean loss.
+
+        Gradients are synchronised across ranks only on the last micro-batch.
+        """
+        accum = stage.config.grad_accum
+        micro = zip(inputs.chunk(accum), targets.chunk(accum), strict=True)
+        total: torch.Tensor | None = None
+        term_totals: dict[str, torch.Tensor] = {}
+        for i, (x, y) in enumerate(micro):
+            last = i == accum - 1
+            sync = contextlib.nullcontext()
+            if not last and self.world_size > 1:
+                no_sync = getattr(model, "no_sync", None)
+                if no_sync is not None:
+                    sync = no_sync()
+            with sync:
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.autocast_dtype,
+                    enabled=self.autocast_dtype is not None,
+                ):
+                    output = model(x)
+                    teacher_output = None
+                    if stage.loss.needs_teacher:
+                        assert self.teacher is not None
+                        with torch.no_grad():
+                            teacher_output = self.teacher(x)
+                    loss, terms = stage.loss(output, y, teacher_output)
+                    loss = loss / accum
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                elif self.accelerator is not None:
+                    self.accelerator.backward(loss)
+                else:
+                    loss.backward()
+            detached = loss.detach()
+            total = detached if total is None else total + detached
+            for name, value in terms.items():
+                value = value.detach() / accum
+                term_totals[name] = value if name not in term_totals else term_totals[name] + value
+        assert total is not None
+        return total, term_totals
 
     def _finite_or_handle(
         self, stage: Stage, loss: torch.Tensor, terms: dict[str, torch.Tensor]
@@ -746,6 +847,7 @@ class _Loop:
                 "config": json.dumps(self.config.fingerprint_dict()),
                 "log_lines": self.logger.lines,
                 "world_size": self.world_size,
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             }
             path = self.store.save(payload, step=self.state.step, stage=stage.name)
             self._emit("on_checkpoint", path)

@@ -88,8 +88,9 @@ class StageSampler:
         if perm is None:
             rng = np.random.default_rng([self.seed, self.stage_index, source, epoch])
             size = int(self.sizes[source])
-            dtype = np.int32 if size < 2**31 else np.int64
-            perm = rng.permutation(size).astype(dtype, copy=False)
+            # Shuffle in place in 4-byte integers: memory stays at 4 bytes per sample.
+            perm = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
+            rng.shuffle(perm)
             # Keep only the two most recent epochs per source: a step spans at most two.
             stale = [k for k in self._perm_cache if k[0] == source and k[1] < epoch - 1]
             for k in stale:
@@ -100,13 +101,16 @@ class StageSampler:
     def _stream(self, source: int, start: int, count: int) -> np.ndarray:
         """Positions ``[start, start + count)`` of a source's endless epoch stream."""
         size = int(self.sizes[source])
-        positions = np.arange(start, start + count, dtype=np.int64)
-        epochs = positions // size
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            out[mask] = self._permutation(source, int(epoch))[positions[mask] % size]
-        return out
+        parts = []
+        # Slices of at most two epochs per step in practice; a loop keeps it general.
+        while count > 0:
+            epoch, offset = divmod(start, size)
+            take = min(count, size - offset)
+            parts.append(self._permutation(source, epoch)[offset : offset + take])
+            start += take
+            count -= take
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out.astype(np.int64)
 
     def global_batch(self, step: int) -> np.ndarray:
         """All ``batch_size`` indices of stage-local step ``step``, in a shuffled order."""
@@ -117,6 +121,8 @@ class StageSampler:
             for k in range(len(self.sizes))
             if self.counts[step, k] > 0
         ]
+        if len(parts) == 1:
+            return parts[0]  # one source: its epoch permutation is already shuffled
         batch = np.concatenate(parts)
         # Interleave sources so that every rank's slice sees the mixture, not one source.
         rng = np.random.default_rng([self.seed, self.stage_index, step, 0x5EED])
