@@ -7,7 +7,7 @@ end). Neither evaluates, so the ratio measures the loop alone. A and B runs are
 interleaved, and the ratio of their samples per second is reported per setting. Small
 models make any overhead visible.
 
-    python benchmarks/loop_overhead.py              # full: 3 pairs x 3000 steps per setting
+    python benchmarks/loop_overhead.py              # full: 7 pairs x 3000 steps per setting
     python benchmarks/loop_overhead.py --quick      # 2 pairs x 600 steps, the default settings only
 """
 
@@ -34,6 +34,8 @@ def make_config(
     steps: int, *, batch: int, hidden: int, extra: dict[str, Any]
 ) -> stagetrain.CurriculumConfig:
     half = steps // 2
+    accum = extra.get("grad_accum", 1)
+    extra = {k: v for k, v in extra.items() if k != "grad_accum"}
     data = {"n_bits": 50, "k": 5, "size": 100_000}
     return stagetrain.parse_config(
         {
@@ -49,12 +51,14 @@ def make_config(
             "stages": [
                 {
                     "name": "easy",
+                    "grad_accum": accum,
                     "duration": f"{half}ba",
                     "data": {"builtin": "parity", "name": "biased", "args": {**data, "bias": 0.75}},
                     "optimizer": {"name": "adam", "lr": 1e-3},
                 },
                 {
                     "name": "target",
+                    "grad_accum": accum,
                     "duration": f"{steps - half}ba",
                     "data": {"builtin": "parity", "name": "uniform", "args": data},
                 },
@@ -64,11 +68,15 @@ def make_config(
     )
 
 
-def hand_written(steps: int, batch: int, hidden: int) -> float:
+def hand_written(steps: int, batch: int, hidden: int, extra: dict[str, Any] | None = None) -> float:
     """The A side: the plainest loop that trains the same thing. Returns samples/second."""
+    extra = extra or {}
+    accum = extra.get("grad_accum", 1)
+    bf16 = extra.get("precision") == "bf16"
     torch.manual_seed(0)
     model = mlp(in_features=50, hidden=[hidden, hidden], out_features=2)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if extra.get("compile") else model
     easy = parity_dataset(n_bits=50, k=5, size=100_000, bias=0.75, seed=0)
     target = parity_dataset(n_bits=50, k=5, size=100_000, seed=0)
     rng = np.random.default_rng(0)
@@ -76,10 +84,12 @@ def hand_written(steps: int, batch: int, hidden: int) -> float:
     for step in range(steps):
         data = easy if step < steps // 2 else target
         inputs, targets = data.get_batch(rng.integers(0, len(data), batch))
-        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for x, y in zip(inputs.chunk(accum), targets.chunk(accum), strict=True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(forward(x), y) / accum
+            loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if (step + 1) % 100 == 0:
             loss.item()  # what any loop does to print progress
     return steps * batch / (time.perf_counter() - start)
@@ -97,6 +107,9 @@ def through_stagetrain(steps: int, batch: int, hidden: int, extra: dict[str, Any
 
 SETTINGS = {
     "default": {},
+    "grad_accum=4": {"grad_accum": 4},
+    "bf16 autocast": {"precision": "bf16"},
+    "torch.compile": {"compile": True},
 }
 
 
@@ -107,17 +120,24 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "loop_overhead.json"
     )
     args = parser.parse_args()
-    steps, pairs = (600, 2) if args.quick else (3000, 3)
+    quick = args.quick
+    steps, pairs = (600, 2) if quick else (3000, 7)
     torch.set_num_threads(1)
     rows = []
     for hidden, batch in [(64, 64), (256, 256)]:
         for name, extra in SETTINGS.items():
             a_runs, b_runs = [], []
-            hand_written(100, batch, hidden)  # warm-up: allocator, kernels
+            if quick and name != "default":
+                continue
+            hand_written(100, batch, hidden, extra)  # warm-up: allocator, kernels, compile cache
+            through_stagetrain(100, batch, hidden, extra)
             for _ in range(pairs):  # interleaved A, B, A, B, ...
-                a_runs.append(hand_written(steps, batch, hidden))
+                a_runs.append(hand_written(steps, batch, hidden, extra))
                 b_runs.append(through_stagetrain(steps, batch, hidden, extra))
             a, b = statistics.median(a_runs), statistics.median(b_runs)
+            # Each B run is compared with the A run just before it: machine noise that
+            # drifts over minutes cancels within a pair.
+            pair_ratios = sorted(bb / aa for aa, bb in zip(a_runs, b_runs, strict=True))
             row = {
                 "model": f"MLP 50-{hidden}-{hidden}-2",
                 "batch": batch,
@@ -126,7 +146,8 @@ def main() -> None:
                 "pairs": pairs,
                 "hand_written_samples_per_s": round(a),
                 "stagetrain_samples_per_s": round(b),
-                "ratio_B_over_A": round(b / a, 3),
+                "ratio_B_over_A": round(statistics.median(pair_ratios), 3),
+                "pair_ratio_range": [round(pair_ratios[0], 3), round(pair_ratios[-1], 3)],
             }
             rows.append(row)
             print(json.dumps(row))

@@ -47,7 +47,7 @@ class TargetMetric:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.key != "loss"
+        return self.key != "loss"  # accuracy and exact_match are maximised
 
     def __str__(self) -> str:
         return f"{self.eval_name}.{self.key}"

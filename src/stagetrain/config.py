@@ -36,7 +36,7 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 BUILTIN_LOSSES = ("cross_entropy", "mse", "kl_distill")
-Metric = Literal["loss", "accuracy"]
+Metric = Literal["loss", "accuracy", "exact_match"]
 _ALL_METRICS: tuple[Metric, ...] = ("loss", "accuracy")
 
 

@@ -46,6 +46,7 @@ def evaluate(
         "correct": torch.zeros((), dtype=torch.float64),
         "count": torch.zeros((), dtype=torch.float64),
         "samples": torch.zeros((), dtype=torch.float64),
+        "exact": torch.zeros((), dtype=torch.float64),
     }
     for start in range(0, len(indices), batch_size):
         inputs, targets = truncate(fetch(dataset, indices[start : start + batch_size]), seq_len)
@@ -58,6 +59,10 @@ def evaluate(
             correct, count = accuracy_counts(output, targets)
             sums["correct"] += correct.double().cpu()
             sums["count"] += count
+        if "exact_match" in metrics:
+            # A sample counts only when every position of it is right (a whole sum, say).
+            hits = (output.argmax(-1) == targets).reshape(len(targets), -1).all(dim=1)
+            sums["exact"] += hits.sum().double().cpu()
         sums["samples"] += len(targets)
     model.train(was_training)
     return sums
@@ -70,4 +75,6 @@ def finalize_metrics(sums: dict[str, torch.Tensor], metrics: list[str]) -> dict[
         out["loss"] = float(sums["loss_sum"] / sums["samples"].clamp(min=1))
     if "accuracy" in metrics:
         out["accuracy"] = float(sums["correct"] / sums["count"].clamp(min=1))
+    if "exact_match" in metrics:
+        out["exact_match"] = float(sums["exact"] / sums["samples"].clamp(min=1))
     return out

@@ -682,6 +682,12 @@ class _Loop:
         Gradients are synchronised across ranks only on the last micro-batch.
         """
         accum = stage.config.grad_accum
+        plain = self.autocast_dtype is None and self.scaler is None and self.accelerator is None
+        if accum == 1 and plain and not stage.loss.needs_teacher:
+            # The common case, kept free of per-step Python overhead.
+            loss, terms = stage.loss(model(inputs), targets)
+            loss.backward()
+            return loss.detach(), terms
         micro = zip(inputs.chunk(accum), targets.chunk(accum), strict=True)
         total: torch.Tensor | None = None
         term_totals: dict[str, torch.Tensor] = {}
@@ -693,11 +699,12 @@ class _Loop:
                 if no_sync is not None:
                     sync = no_sync()
             with sync:
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.autocast_dtype,
-                    enabled=self.autocast_dtype is not None,
-                ):
+                autocast = (
+                    torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None
+                    else contextlib.nullcontext()
+                )
+                with autocast:
                     output = model(x)
                     teacher_output = None
                     if stage.loss.needs_teacher:

@@ -24,6 +24,8 @@ LossFn = Callable[..., torch.Tensor]
 
 def cross_entropy(output: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Cross-entropy of logits ``[..., C]`` against integer targets ``[...]``."""
+    if output.dim() == 2:
+        return F.cross_entropy(output, target, **kwargs)
     return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1), **kwargs)
 
 
@@ -101,6 +103,9 @@ class StageLoss:
         target: torch.Tensor,
         teacher_output: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if len(self.fns) == 1 and self.weights[0] == 1.0 and not self.needs_teacher:
+            value = self.fns[0](output, target, **self.args[0])  # no extra ops on the hot path
+            return value, {self.names[0]: value}
         terms: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
         for name, weight, fn, args in zip(

@@ -16,11 +16,16 @@ from stagetrain.errors import ConfigError
 BUILTIN_SOURCES: dict[str, str] = {
     "parity": "stagetrain.recipes.parity:parity_dataset",
     "digits": "stagetrain.recipes.digits:noisy_digits",
+    "shapes": "stagetrain.recipes.shapes:shapes_dataset",
+    "addition": "stagetrain.recipes.addition:addition_dataset",
+    "stdlib_text": "stagetrain.recipes.pystdlib:stdlib_text",
 }
 """Built-in data sources: name -> import path of a factory ``(**args) -> Dataset``."""
 
 BUILTIN_MODELS: dict[str, str] = {
     "mlp": "stagetrain.recipes.models:mlp",
+    "addition_gru": "stagetrain.recipes.addition:addition_gru",
+    "gpt": "stagetrain.recipes.gpt:gpt",
 }
 """Built-in models: name -> import path of a factory ``(**args) -> nn.Module``."""
 
