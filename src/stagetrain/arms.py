@@ -30,26 +30,36 @@ ARMS = ("curriculum", "baseline", "union", "anti", "easy-only", "random-order")
 """Every arm ``compare`` can derive, in display order."""
 
 
-def curriculum_lr(curriculum: Curriculum) -> GlobalLR:
-    """The curriculum's LR over global steps, as one config (a join of the stages' LRs)."""
+def curriculum_lr(curriculum: Curriculum, *, by_tokens: bool = False) -> GlobalLR:
+    """The curriculum's LR over global steps, as one config (a join of the stages' LRs).
+
+    With ``by_tokens`` the pieces are placed by the fraction of the token budget spent at
+    each point, for arms whose steps hold a different number of tokens.
+    """
     stages = curriculum.stages
     peak = stages[0].lr_peak
+    total_tokens = sum(s.context.tokens(s.steps) for s in stages)
+
+    def length(stage: Any, steps: int) -> str:
+        if not by_tokens:
+            return f"{steps}ba"
+        return f"{stage.context.tokens(steps) / total_tokens!r}dur"
+
     parts = []
     for stage in stages:
         opt = stage.config.optimizer
         assert opt is not None
         scale = stage.lr_peak / peak
+        body = stage.steps
         if stage.warmup_steps:
-            warm = JoinPart(
-                schedule=LinearSchedule(start=0.0, end=1.0),
-                length=f"{stage.warmup_steps}ba",
-                scale=scale,
+            warm = LinearSchedule(start=0.0, end=1.0)
+            parts.append(
+                JoinPart(schedule=warm, length=length(stage, stage.warmup_steps), scale=scale)
             )
-            parts.append(warm)
-            length = stage.steps - stage.warmup_steps
-        else:
-            length = stage.steps
-        parts.append(JoinPart(schedule=opt.schedule, length=f"{length}ba", scale=scale))
+            body = stage.steps - stage.warmup_steps
+        parts.append(JoinPart(schedule=opt.schedule, length=length(stage, body), scale=scale))
+    if by_tokens:  # the last piece takes whatever rounding left
+        parts[-1] = parts[-1].model_copy(update={"length": None})
     return GlobalLR(lr=peak, schedule=JoinSchedule(parts=parts))
 
 
@@ -87,8 +97,12 @@ def derive_arm(curriculum: Curriculum, arm: str) -> CurriculumConfig:
             f"arms: stages use different batch sizes {batch_sizes}; derived arms "
             "need one batch size so that budgets and LR trajectories line up step for step"
         )
-    global_lr = curriculum_lr(curriculum)
-    total = f"{curriculum.total_steps}ba"
+    # Stages whose samples hold different numbers of tokens (short then long context)
+    # compare at an equal token budget; otherwise at an equal number of steps.
+    by_tokens = len({s.context.tokens_per_sample for s in curriculum.stages}) > 1
+    global_lr = curriculum_lr(curriculum, by_tokens=by_tokens)
+    total_tokens = sum(s.context.tokens(s.steps) for s in curriculum.stages)
+    total = f"{total_tokens}tok" if by_tokens else f"{curriculum.total_steps}ba"
     first_optimizer = stages[0].optimizer
 
     def one_stage(name: str, template_index: int, data: Any) -> CurriculumConfig:
@@ -126,7 +140,15 @@ def derive_arm(curriculum: Curriculum, arm: str) -> CurriculumConfig:
         return one_stage("union", -1, data)
     # anti: the stages in reverse order, each keeping its own data, loss and length.
     reversed_stages = [
-        s.model_copy(update={"duration": f"{built.steps}ba", "handoff": "carry", "freeze": []})
+        s.model_copy(
+            update={
+                "duration": f"{built.context.tokens(built.steps)}tok"
+                if by_tokens
+                else f"{built.steps}ba",
+                "handoff": "carry",
+                "freeze": [],
+            }
+        )
         for s, built in zip(reversed(stages), reversed(curriculum.stages), strict=True)
     ]
     if any(s.data.replay for s in reversed_stages):

@@ -363,6 +363,8 @@ class EvalConfig(_Config):
     loss: str = "cross_entropy"
     batch_size: int = Field(default=1024, gt=0)
     max_samples: int | None = Field(default=None, gt=0)
+    seq_len: int | None = Field(default=None, gt=0)
+    """Evaluate at this sequence length in every stage (default: the stage's ``seq_len``)."""
 
     @field_validator("name")
     @classmethod

@@ -789,7 +789,7 @@ class _Loop:
             loss_name=ev.loss,
             batch_size=ev.batch_size,
             max_samples=ev.max_samples,
-            seq_len=stage.config.seq_len,
+            seq_len=ev.seq_len or stage.config.seq_len,
             device=self.device,
             rank=self.rank,
             world_size=self.world_size,

@@ -51,18 +51,22 @@ def addition_dataset(
 
 
 class AdditionGRU(nn.Module):
-    """Reads the input digits with a GRU; predicts every sum digit from its final state."""
+    """A GRU that reads digit pairs ``(a_i, b_i)`` least significant first and emits sum
+    digit ``i`` at step ``i`` (one extra step for the final carry): it must learn to carry
+    the carry in its state, over chains as long as the numbers."""
 
     def __init__(self, *, max_digits: int = 5, hidden: int = 128, embed: int = 32) -> None:
         super().__init__()
-        self.out_digits = max_digits + 1
-        self.embed = nn.Embedding(10, embed)
+        self.max_digits = max_digits
+        self.embed = nn.Embedding(100, embed)
         self.rnn = nn.GRU(embed, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, self.out_digits * 10)
+        self.head = nn.Linear(hidden, 10)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        _, state = self.rnn(self.embed(tokens))
-        return self.head(state[-1]).view(-1, self.out_digits, 10)
+        a, b = tokens[:, : self.max_digits], tokens[:, self.max_digits :]
+        pairs = torch.nn.functional.pad(a * 10 + b, (0, 1))  # a final (0, 0) for the carry
+        outputs, _ = self.rnn(self.embed(pairs))
+        return self.head(outputs)
 
 
 def addition_gru(*, max_digits: int = 5, hidden: int = 128, embed: int = 32) -> AdditionGRU:

@@ -1,0 +1,282 @@
+"""Reproduce the published curricula with the built-in recipes, through `stagetrain compare`.
+
+    python benchmarks/recipes.py RECIPE [--quick] [--jobs 2]
+    RECIPE: parity | noisy-digits | shapes | addition | charlm | all
+
+Each recipe runs its curriculum and controls over seeds (full: 10 seeds for the cheap
+recipes, 5 for shapes and charlm; quick: 2 seeds), then writes
+benchmarks/results/<recipe>[-quick].md (a table: median and 95 % bootstrap interval
+of the mean over seeds, paired differences with Wilcoxon p-values) and a .json with
+the raw per-seed numbers. Runs live under runs/bench/; a rerun skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from stagetrain.compare import Analysis, TargetMetric, compare, markdown_table, read_run
+from stagetrain.stats import paired_difference, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available, torch {torch.__version__}"
+
+
+def run_compare(
+    config: Path,
+    out: Path,
+    *,
+    arms: list[str],
+    seeds: int,
+    jobs: int,
+    metric: str,
+    target: float | None = None,
+) -> Analysis:
+    print(f"== {config.name}: arms {arms}, {seeds} seeds -> {out}", flush=True)
+    return compare(
+        config,
+        out,
+        arms=arms,
+        seeds=seeds,
+        jobs=jobs,
+        metric=metric,
+        target=target,
+        echo=lambda line: print("  " + line, flush=True),
+    )
+
+
+def write_result(name: str, quick: bool, text: str, data: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-quick" if quick else name
+    (RESULTS / f"{stem}.md").write_text(text + f"\n\nMachine: {machine()}.\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1, default=float))
+    print(text)
+
+
+def per_seed(analysis: Analysis) -> dict[str, list[float | None]]:
+    return {a.arm: [r.final for r in a.runs] for a in analysis.arms}
+
+
+def parity(quick: bool, jobs: int) -> None:
+    config = EXAMPLES / ("../src/stagetrain/recipes/parity_demo.yaml" if quick else "parity.yaml")
+    seeds = 2 if quick else 10
+    out = ROOT / "runs" / "bench" / ("parity-quick" if quick else "parity")
+    analysis = run_compare(
+        config.resolve(),
+        out,
+        arms=["curriculum", "baseline"],
+        seeds=seeds,
+        jobs=jobs,
+        metric="test.accuracy",
+        target=0.95,
+    )
+    steps = {
+        a.arm: [h["step"] if (h := r.time_to(0.95, True)) else None for r in a.runs]
+        for a in analysis.arms
+    }
+    text = (
+        f"### parity ({'quick' if quick else 'full'})\n\nCommand: `python benchmarks/recipes.py parity{' --quick' if quick else ''}`\n\n"
+        + markdown_table(analysis)
+    )
+    text += (
+        "\n\nSteps to 95 % test accuracy per seed (None: not reached within the budget): "
+        + json.dumps(steps)
+    )
+    write_result("parity", quick, text, {"final": per_seed(analysis), "steps_to_95": steps})
+
+
+def noisy_digits(quick: bool, jobs: int) -> None:
+    seeds = 2 if quick else 10
+    out = ROOT / "runs" / "bench" / ("noisy-digits-quick" if quick else "noisy-digits")
+    analysis = run_compare(
+        EXAMPLES / "noisy_digits.yaml",
+        out,
+        arms=["curriculum", "baseline", "easy-only"],
+        seeds=seeds,
+        jobs=jobs,
+        metric="test.accuracy",
+    )
+    text = (
+        f"### noisy-digits ({'quick' if quick else 'full'})\n\nCommand: `python benchmarks/recipes.py noisy-digits{' --quick' if quick else ''}`\n\n"
+        + markdown_table(analysis)
+    )
+    write_result("noisy-digits", quick, text, {"final": per_seed(analysis)})
+
+
+def _early_stopped_test_error(out: Path, arm: str, seed: int) -> float | None:
+    """Test error at the evaluation with the best validation accuracy (early stopping)."""
+    val = read_run(out, arm, seed, TargetMetric("valid", "accuracy")).curve
+    test = read_run(out, arm, seed, TargetMetric("test", "accuracy")).curve
+    if not val or len(val) != len(test):
+        return None
+    best = int(np.argmax([p["value"] for p in val]))
+    return 1.0 - test[best]["value"]
+
+
+def shapes(quick: bool, jobs: int) -> None:
+    """Switch-epoch sweep (budget 32 epochs = the paper's 256 scaled by 1/8) plus controls."""
+    base = yaml.safe_load((EXAMPLES / "shapes.yaml").read_text())
+    total = 32
+    switches = [16] if quick else [4, 8, 16]  # S = 0 is the baseline arm
+    seeds = 2 if quick else 5
+    root = ROOT / "runs" / "bench" / ("shapes-quick" if quick else "shapes")
+    root.mkdir(parents=True, exist_ok=True)
+    errors: dict[str, list[float | None]] = {}
+    for s in switches:
+        config = dict(base, name=f"shapes-S{s}")
+        config["stages"] = [
+            dict(base["stages"][0], duration=f"{s}ep"),
+            dict(base["stages"][1], duration=f"{total - s}ep"),
+        ]
+        path = root / f"shapes-S{s}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        arms = ["curriculum"] if s != 16 else ["curriculum", "baseline", "union", "easy-only"]
+        out = root / f"S{s}"
+        analysis = run_compare(
+            path, out, arms=arms, seeds=seeds, jobs=jobs, metric="valid.accuracy"
+        )
+        for arm in arms:
+            label = {
+                "curriculum": f"S={s}",
+                "baseline": "S=0 (Geom only)",
+                "union": "union",
+                "easy-only": "Basic only",
+            }[arm]
+            errors[label] = [_early_stopped_test_error(out, arm, seed) for seed in analysis.seeds]
+    baseline = errors["S=0 (Geom only)"]
+    lines = [f"### shapes ({'quick' if quick else 'full'})", "",
+             f"Command: `python benchmarks/recipes.py shapes{' --quick' if quick else ''}`. Budget {total} epochs (the paper's 256 / 8); switch epoch S scaled alike; test error on GeomShapes test at the epoch of best GeomShapes validation accuracy (early stopping); {seeds} seeds.", "",
+             "| arm | test error median [IQR] | mean [95% CI] | Δ vs S=0 [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
+    order = ["S=0 (Geom only)"] + [f"S={s}" for s in switches] + ["union", "Basic only"]
+    for label in order:
+        values = [v for v in errors.get(label, []) if v is not None]
+        if not values:
+            continue
+        s_ = summarize(values)
+        delta = "—"
+        p = "—"
+        if label != "S=0 (Geom only)":
+            pairs = [
+                (a, b)
+                for a, b in zip(errors[label], baseline, strict=True)
+                if a is not None and b is not None
+            ]
+            d = paired_difference(
+                [a for a, _ in pairs], [b for _, b in pairs], higher_is_better=False
+            )
+            delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.p_value:.3g}"
+        lines.append(
+            f"| {label} | {s_.median:.4f} [{s_.q25:.4f}, {s_.q75:.4f}] | {s_.mean:.4f} [{s_.ci_low:.4f}, {s_.ci_high:.4f}] | {delta} | {p} |"
+        )
+    write_result("shapes", quick, "\n".join(lines), {"test_error": errors})
+
+
+def addition(quick: bool, jobs: int) -> None:
+    seeds = 2 if quick else 5
+    root = ROOT / "runs" / "bench" / ("addition-quick" if quick else "addition")
+    finals: dict[str, list[float | None]] = {}
+    tables = []
+    for name, config in [
+        ("combined", "addition.yaml"),
+        ("naive", "addition_naive.yaml"),
+        ("mixed", "addition_mixed.yaml"),
+    ]:
+        arms = ["curriculum", "baseline"] if name == "combined" else ["curriculum"]
+        analysis = run_compare(
+            EXAMPLES / config,
+            root / name,
+            arms=arms,
+            seeds=seeds,
+            jobs=jobs,
+            metric="test.exact_match",
+        )
+        for a in analysis.arms:
+            finals[name if a.arm == "curriculum" else "baseline (5 digits only)"] = [
+                r.final for r in a.runs
+            ]
+        tables.append(f"#### {name}\n\n" + markdown_table(analysis))
+    baseline = finals["baseline (5 digits only)"]
+    lines = [f"### addition ({'quick' if quick else 'full'})", "",
+             f"Command: `python benchmarks/recipes.py addition{' --quick' if quick else ''}`. Exact-match accuracy on 2,000 5-digit sums after 1,200 steps (batch 64), {seeds} seeds; every strategy has the same budget and LR.", "",
+             "| strategy | exact match median [IQR] | mean [95% CI] | Δ vs baseline [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
+    for label in ["baseline (5 digits only)", "naive", "mixed", "combined"]:
+        values = [v for v in finals[label] if v is not None]
+        s_ = summarize(values)
+        delta = p = "—"
+        if label != "baseline (5 digits only)":
+            pairs = [
+                (a, b)
+                for a, b in zip(finals[label], baseline, strict=True)
+                if a is not None and b is not None
+            ]
+            d = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+            delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.p_value:.3g}"
+        lines.append(
+            f"| {label} | {s_.median:.4f} [{s_.q25:.4f}, {s_.q75:.4f}] | {s_.mean:.4f} [{s_.ci_low:.4f}, {s_.ci_high:.4f}] | {delta} | {p} |"
+        )
+    write_result(
+        "addition", quick, "\n".join(lines) + "\n\n" + "\n\n".join(tables), {"exact_match": finals}
+    )
+
+
+def charlm(quick: bool, jobs: int) -> None:
+    seeds = 2 if quick else 5
+    out = ROOT / "runs" / "bench" / ("charlm-quick" if quick else "charlm")
+    analysis = run_compare(
+        EXAMPLES / "charlm.yaml",
+        out,
+        arms=["curriculum", "baseline"],
+        seeds=seeds,
+        jobs=jobs,
+        metric="val.loss",
+    )
+    from stagetrain.report import write_report
+
+    html, _ = write_report(out)
+    text = (
+        f"### charlm ({'quick' if quick else 'full'})\n\nCommand: `python benchmarks/recipes.py charlm{' --quick' if quick else ''}` (plots against tokens-equivalent steps and wall-clock: `{html.relative_to(ROOT)}`)\n\n"
+        + markdown_table(analysis)
+    )
+    wall = {
+        a.arm: [r.curve[-1]["time"] if r.curve else None for r in a.runs] for a in analysis.arms
+    }
+    text += "\n\nWall-clock seconds per run: " + json.dumps(
+        {k: [round(v, 1) if v else v for v in vs] for k, vs in wall.items()}
+    )
+    write_result("charlm", quick, text, {"final_val_loss": per_seed(analysis), "wall_s": wall})
+
+
+RECIPES = {
+    "parity": parity,
+    "noisy-digits": noisy_digits,
+    "shapes": shapes,
+    "addition": addition,
+    "charlm": charlm,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe", choices=[*RECIPES, "all"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    for name, fn in RECIPES.items():
+        if args.recipe in (name, "all"):
+            fn(args.quick, args.jobs)
+
+
+if __name__ == "__main__":
+    main()
