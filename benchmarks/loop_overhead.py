@@ -68,13 +68,16 @@ def make_config(
     )
 
 
+DEVICE = torch.device("cpu")
+
+
 def hand_written(steps: int, batch: int, hidden: int, extra: dict[str, Any] | None = None) -> float:
     """The A side: the plainest loop that trains the same thing. Returns samples/second."""
     extra = extra or {}
     accum = extra.get("grad_accum", 1)
     bf16 = extra.get("precision") == "bf16"
     torch.manual_seed(0)
-    model = mlp(in_features=50, hidden=[hidden, hidden], out_features=2)
+    model = mlp(in_features=50, hidden=[hidden, hidden], out_features=2).to(DEVICE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     forward = torch.compile(model) if extra.get("compile") else model
     easy = parity_dataset(n_bits=50, k=5, size=100_000, bias=0.75, seed=0)
@@ -84,14 +87,20 @@ def hand_written(steps: int, batch: int, hidden: int, extra: dict[str, Any] | No
     for step in range(steps):
         data = easy if step < steps // 2 else target
         inputs, targets = data.get_batch(rng.integers(0, len(data), batch))
+        inputs, targets = (
+            inputs.to(DEVICE, non_blocking=True),
+            targets.to(DEVICE, non_blocking=True),
+        )
         for x, y in zip(inputs.chunk(accum), targets.chunk(accum), strict=True):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = torch.nn.functional.cross_entropy(forward(x), y) / accum
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % 100 == 0:
             loss.item()  # what any loop does to print progress
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -101,7 +110,9 @@ def through_stagetrain(steps: int, batch: int, hidden: int, extra: dict[str, Any
     curriculum = stagetrain.Curriculum(config, progress=False)
     model = curriculum.build_model()
     with tempfile.TemporaryDirectory() as tmp:
-        result = stagetrain.fit(model, curriculum, run_dir=Path(tmp) / "run", progress=False)
+        result = stagetrain.fit(
+            model, curriculum, run_dir=Path(tmp) / "run", progress=False, device=DEVICE
+        )
     return result.state.samples / result.state.elapsed_s
 
 
@@ -116,15 +127,23 @@ SETTINGS = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU version")
+    parser.add_argument(
+        "--sizes", default="64x64,256x256", help="HIDDENxBATCH pairs, comma-separated"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "loop_overhead.json"
     )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     quick = args.quick
     steps, pairs = (600, 2) if quick else (3000, 7)
-    torch.set_num_threads(1)
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(1)
     rows = []
-    for hidden, batch in [(64, 64), (256, 256)]:
+    sizes = [tuple(int(v) for v in pair.split("x")) for pair in args.sizes.split(",")]
+    for hidden, batch in sizes:
         for name, extra in SETTINGS.items():
             a_runs, b_runs = [], []
             if quick and name != "default":

@@ -1,0 +1,97 @@
+"""Gradient accumulation, autocast, torch.compile, DataLoader workers, and no per-step read-back."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from stagetrain import Curriculum, fit, parse_config
+from stagetrain import loop as loop_module
+
+
+def train(config: dict[str, Any], run_dir: Path, **overrides: Any) -> torch.nn.Module:
+    config = {**config, **overrides}
+    curriculum = Curriculum(parse_config(config), progress=False)
+    model = curriculum.build_model()
+    fit(model, curriculum, run_dir=run_dir, progress=False, tensorboard=False)
+    return model
+
+
+def test_gradient_accumulation_matches_the_full_batch(
+    tmp_path: Path, tiny_config: dict[str, Any]
+) -> None:
+    full = train(tiny_config, tmp_path / "a")
+    for stage in tiny_config["stages"]:
+        stage["grad_accum"] = 4  # 16 samples per step as 4 micro-batches of 4
+    accumulated = train(tiny_config, tmp_path / "b")
+    for (name, a), b in zip(
+        full.state_dict().items(), accumulated.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_data_workers_keep_the_exact_order(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
+    plain = train(tiny_config, tmp_path / "a")
+    workers = train(tiny_config, tmp_path / "b", data_workers=2, pin_memory=False)
+    for a, b in zip(plain.state_dict().values(), workers.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_autocast_trains(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
+    model = train(tiny_config, tmp_path / "a", precision="bf16")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+
+
+def test_run_options_do_not_change_the_fingerprint(tiny_config: dict[str, Any]) -> None:
+    base = parse_config(tiny_config).fingerprint()
+    assert (
+        parse_config(
+            {**tiny_config, "precision": "bf16", "data_workers": 2, "compile": True}
+        ).fingerprint()
+        == base
+    )
+
+
+def test_step_path_reads_nothing_back_from_the_device() -> None:
+    # The loss is read back only in _log_train and _check_finite (logging / checkpoint
+    # intervals); the per-step code must not call .item(), float() or .cpu().
+    for fn in (loop_module._Loop._train_stage, loop_module._Loop._forward_backward):
+        source = inspect.getsource(fn)
+        for forbidden in (".item(", "float(", ".cpu(", ".tolist("):
+            assert forbidden not in source, (fn.__name__, forbidden)
+
+
+def test_read_backs_happen_only_at_logging_intervals(
+    tmp_path: Path, tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"log": 0, "check": 0}
+    original_log, original_check = loop_module._Loop._log_train, loop_module._Loop._check_finite
+
+    def counting_log(self: Any, *args: Any) -> None:
+        calls["log"] += 1
+        original_log(self, *args)
+
+    def counting_check(self: Any, *args: Any) -> None:
+        calls["check"] += 1
+        original_check(self, *args)
+
+    monkeypatch.setattr(loop_module._Loop, "_log_train", counting_log)
+    monkeypatch.setattr(loop_module._Loop, "_check_finite", counting_check)
+    tiny_config["log_every"] = 10
+    tiny_config["checkpoint"] = {"every": None, "keep": 1}
+    train(tiny_config, tmp_path / "a")
+    assert calls["log"] == 7  # steps 10, 20, ..., 70 of 70
+    assert calls["check"] == 7 + 2  # each log, plus each stage's end
+
+
+@pytest.mark.slow
+def test_torch_compile_trains(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
+    for stage in tiny_config["stages"]:
+        stage["duration"] = "3ba"
+    model = train(tiny_config, tmp_path / "a", compile=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
