@@ -79,7 +79,7 @@ def test_basic_shapes_are_special_cases_of_geom_shapes() -> None:
         basic = shape_mask(kind, 16.0, 15.0, 9.0, 0.4, 1.0, equilateral)
         assert basic.sum() > 50
     square = shape_mask(0, 16.0, 16.0, 8.0, 0.0, 1.0, equilateral)
-    side = int(round(2 * 8.0 / np.sqrt(2)))
+    side = round(2 * 8.0 / float(np.sqrt(2)))
     assert abs(int(square.sum()) - side * side) <= 4 * side  # a square of side r * sqrt(2)
     assert shapes_module.RATIO[1] == 1.0  # Geom ratios include the Basic value
 
