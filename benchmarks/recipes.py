@@ -125,6 +125,37 @@ def _early_stopped_test_error(out: Path, arm: str, seed: int) -> float | None:
     return 1.0 - test[best]["value"]
 
 
+def paired_rows(
+    values: dict[str, list[float | None]],
+    order: list[str],
+    baseline: str,
+    *,
+    higher_is_better: bool,
+) -> list[str]:
+    """Table rows: median [IQR], mean [95% CI], paired difference to ``baseline`` and its p-value."""
+    rows = []
+    for label in order:
+        present = [v for v in values.get(label, []) if v is not None]
+        if not present:
+            continue
+        s = summarize(present)
+        delta = p = "—"
+        if label != baseline:
+            pairs = [
+                (a, b)
+                for a, b in zip(values[label], values[baseline], strict=True)
+                if a is not None and b is not None
+            ]
+            d = paired_difference(
+                [a for a, _ in pairs], [b for _, b in pairs], higher_is_better=higher_is_better
+            )
+            delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.p_value:.3g}"
+        rows.append(
+            f"| {label} | {s.median:.4f} [{s.q25:.4f}, {s.q75:.4f}] | {s.mean:.4f} [{s.ci_low:.4f}, {s.ci_high:.4f}] | {delta} | {p} |"
+        )
+    return rows
+
+
 def shapes(quick: bool, jobs: int) -> None:
     """Switch-epoch sweep (budget 32 epochs = the paper's 256 scaled by 1/8) plus controls."""
     base = yaml.safe_load((EXAMPLES / "shapes.yaml").read_text())
@@ -155,31 +186,11 @@ def shapes(quick: bool, jobs: int) -> None:
                 "easy-only": "Basic only",
             }[arm]
             errors[label] = [_early_stopped_test_error(out, arm, seed) for seed in analysis.seeds]
-    baseline = errors["S=0 (Geom only)"]
     lines = [f"### shapes ({'quick' if quick else 'full'})", "",
              f"Command: `python benchmarks/recipes.py shapes{' --quick' if quick else ''}`. Budget {total} epochs (the paper's 256 / 8); switch epoch S scaled alike; test error on GeomShapes test at the epoch of best GeomShapes validation accuracy (early stopping); {seeds} seeds.", "",
              "| arm | test error median [IQR] | mean [95% CI] | Δ vs S=0 [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
     order = ["S=0 (Geom only)"] + [f"S={s}" for s in switches] + ["union", "Basic only"]
-    for label in order:
-        values = [v for v in errors.get(label, []) if v is not None]
-        if not values:
-            continue
-        s_ = summarize(values)
-        delta = "—"
-        p = "—"
-        if label != "S=0 (Geom only)":
-            pairs = [
-                (a, b)
-                for a, b in zip(errors[label], baseline, strict=True)
-                if a is not None and b is not None
-            ]
-            d = paired_difference(
-                [a for a, _ in pairs], [b for _, b in pairs], higher_is_better=False
-            )
-            delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.p_value:.3g}"
-        lines.append(
-            f"| {label} | {s_.median:.4f} [{s_.q25:.4f}, {s_.q75:.4f}] | {s_.mean:.4f} [{s_.ci_low:.4f}, {s_.ci_high:.4f}] | {delta} | {p} |"
-        )
+    lines += paired_rows(errors, order, "S=0 (Geom only)", higher_is_better=False)
     write_result("shapes", quick, "\n".join(lines), {"test_error": errors})
 
 
@@ -207,25 +218,15 @@ def addition(quick: bool, jobs: int) -> None:
                 r.final for r in a.runs
             ]
         tables.append(f"#### {name}\n\n" + markdown_table(analysis))
-    baseline = finals["baseline (5 digits only)"]
     lines = [f"### addition ({'quick' if quick else 'full'})", "",
              f"Command: `python benchmarks/recipes.py addition{' --quick' if quick else ''}`. Exact-match accuracy on 2,000 5-digit sums after 1,200 steps (batch 64), {seeds} seeds; every strategy has the same budget and LR.", "",
              "| strategy | exact match median [IQR] | mean [95% CI] | Δ vs baseline [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
-    for label in ["baseline (5 digits only)", "naive", "mixed", "combined"]:
-        values = [v for v in finals[label] if v is not None]
-        s_ = summarize(values)
-        delta = p = "—"
-        if label != "baseline (5 digits only)":
-            pairs = [
-                (a, b)
-                for a, b in zip(finals[label], baseline, strict=True)
-                if a is not None and b is not None
-            ]
-            d = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
-            delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.p_value:.3g}"
-        lines.append(
-            f"| {label} | {s_.median:.4f} [{s_.q25:.4f}, {s_.q75:.4f}] | {s_.mean:.4f} [{s_.ci_low:.4f}, {s_.ci_high:.4f}] | {delta} | {p} |"
-        )
+    lines += paired_rows(
+        finals,
+        ["baseline (5 digits only)", "naive", "mixed", "combined"],
+        "baseline (5 digits only)",
+        higher_is_better=True,
+    )
     write_result(
         "addition", quick, "\n".join(lines) + "\n\n" + "\n\n".join(tables), {"exact_match": finals}
     )

@@ -2,6 +2,7 @@
 
 python benchmarks/tables.py loop      # from results/loop_overhead.json
 python benchmarks/tables.py sampler   # from results/sampler_scale.json
+python benchmarks/tables.py readme    # writes benchmarks/README.md from README.template.md
 """
 
 from __future__ import annotations
@@ -41,5 +42,28 @@ def sampler() -> str:
     return "\n".join(lines)
 
 
+def readme() -> str:
+    """benchmarks/README.md: the template with every ``<!-- insert NAME -->`` replaced by
+    a generated table (``loop``, ``sampler``) or by ``results/NAME.md``."""
+    template = (Path(__file__).parent / "README.template.md").read_text()
+    out = []
+    for line in template.splitlines():
+        if line.startswith("<!-- insert ") and line.endswith(" -->"):
+            name = line[len("<!-- insert ") : -len(" -->")]
+            if name in ("loop", "sampler"):
+                out.append({"loop": loop, "sampler": sampler}[name]())
+            else:
+                path = RESULTS / f"{name}.md"
+                out.append(
+                    path.read_text().strip() if path.exists() else f"(not run yet: {path.name})"
+                )
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
-    print({"loop": loop, "sampler": sampler}[sys.argv[1]]())
+    if sys.argv[1] == "readme":
+        (Path(__file__).parent / "README.md").write_text(readme())
+    else:
+        print({"loop": loop, "sampler": sampler}[sys.argv[1]]())

@@ -95,3 +95,34 @@ def test_torch_compile_trains(tmp_path: Path, tiny_config: dict[str, Any]) -> No
         stage["duration"] = "3ba"
     model = train(tiny_config, tmp_path / "a", compile=True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_with_gradient_scaler_resumes_exactly(
+    tmp_path: Path, tiny_config: dict[str, Any]
+) -> None:
+    tiny_config["precision"] = "fp16"
+    full = train(tiny_config, tmp_path / "full")
+    curriculum = Curriculum(parse_config(tiny_config), progress=False)
+    fit(
+        curriculum.build_model(),
+        curriculum,
+        run_dir=tmp_path / "cut",
+        progress=False,
+        tensorboard=False,
+        stop_after=45,
+    )
+    checkpoint = torch.load(
+        sorted((tmp_path / "cut" / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True
+    )
+    assert "scale" in checkpoint["scaler"]
+    resumed = curriculum.build_model()
+    fit(
+        resumed,
+        curriculum,
+        run_dir=tmp_path / "cut",
+        progress=False,
+        tensorboard=False,
+        resume=True,
+    )
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -277,6 +277,8 @@ def fit(
         trainable_at_start,
         accelerator,
     )
+    if resume and loop.scaler is not None and "scaler" in payload:
+        loop.scaler.load_state_dict(payload["scaler"])  # fp16: the loss scale continues
     try:
         loop.run(progress=progress and is_main, stop_after=stop_after)
     finally:
@@ -503,6 +505,8 @@ class _Loop:
         )  # fmt: skip
         self.model.zero_grad(set_to_none=True)  # the bad step's gradients must not leak in
         self.optimizer = _restore(payload, self.curriculum, self.model, state, self.info)
+        if self.scaler is not None and "scaler" in payload:
+            self.scaler.load_state_dict(payload["scaler"])
         self.state = state
         self._watch_reset()
         bar.n = state.step

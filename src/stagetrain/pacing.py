@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from stagetrain.config import PacingConfig
+from stagetrain.sampler import rank_share
 from stagetrain.schedules import Schedule
 
 
@@ -139,12 +140,8 @@ class PacedSampler:
         return self.order[positions[rng.permutation(len(positions))]].astype(np.int64)
 
     def rank_batch(self, step: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        if self.batch_size % world_size:
-            raise ValueError(
-                f"batch size {self.batch_size} is not divisible by world size {world_size}"
-            )
-        per_rank = self.batch_size // world_size
-        return self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+        """This rank's contiguous share of the global batch of ``step``."""
+        return rank_share(self.global_batch(step), rank, world_size)
 
     def source_repeats(self) -> np.ndarray:
         """Average draws per sample over the stage (draws are with replacement)."""

@@ -21,6 +21,14 @@ import numpy as np
 from stagetrain.schedules import Schedule
 
 
+def rank_share(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous slice of a global batch split evenly over ``world_size``."""
+    if len(batch) % world_size:
+        raise ValueError(f"batch size {len(batch)} is not divisible by world size {world_size}")
+    per_rank = len(batch) // world_size
+    return batch[rank * per_rank : (rank + 1) * per_rank]
+
+
 def apportion(weights: Sequence[Schedule], batch_size: int, steps: int) -> np.ndarray:
     """Samples per source for every step: an int array of shape ``(steps, n_sources)``.
 
@@ -130,12 +138,7 @@ class StageSampler:
 
     def rank_batch(self, step: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """This rank's contiguous share of the global batch of ``step``."""
-        if self.batch_size % world_size:
-            raise ValueError(
-                f"batch size {self.batch_size} is not divisible by world size {world_size}"
-            )
-        per_rank = self.batch_size // world_size
-        return self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+        return rank_share(self.global_batch(step), rank, world_size)
 
     def source_repeats(self) -> np.ndarray:
         """How many passes over each source the stage makes (stream length / size)."""
