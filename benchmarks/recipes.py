@@ -219,7 +219,7 @@ def addition(quick: bool, jobs: int) -> None:
             ]
         tables.append(f"#### {name}\n\n" + markdown_table(analysis))
     lines = [f"### addition ({'quick' if quick else 'full'})", "",
-             f"Command: `python benchmarks/recipes.py addition{' --quick' if quick else ''}`. Exact-match accuracy on 2,000 5-digit sums after 1,200 steps (batch 64), {seeds} seeds; every strategy has the same budget and LR.", "",
+             f"Command: `python benchmarks/recipes.py addition{' --quick' if quick else ''}`. Exact-match accuracy on 2,000 5-digit sums after 400 steps (batch 64), {seeds} seeds; every strategy has the same budget and LR.", "",
              "| strategy | exact match median [IQR] | mean [95% CI] | Δ vs baseline [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
     lines += paired_rows(
         finals,

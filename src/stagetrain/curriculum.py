@@ -366,6 +366,29 @@ class Curriculum:
             acc += stage.steps
         return starts
 
+    def state_at(self, step: int) -> TrainState:
+        """Counters at global ``step`` of the planned timeline (stages run their full length)."""
+        if not 0 <= step <= self.total_steps:
+            raise ValueError(f"step {step} outside the curriculum's {self.total_steps} steps")
+        samples = tokens = 0
+        for stage, start in zip(self.stages, self.start_steps, strict=True):
+            if step < start + stage.steps:
+                local = step - start
+                return TrainState(
+                    step,
+                    stage.index,
+                    local,
+                    samples + stage.context.samples(local),
+                    tokens + stage.context.tokens(local),
+                )
+            samples += stage.context.samples(stage.steps)
+            tokens += stage.context.tokens(stage.steps)
+        return TrainState(step, len(self.stages), 0, samples, tokens)
+
+    def stage_at(self, step: int) -> Stage:
+        """The stage that global ``step`` belongs to in the planned timeline."""
+        return self.stages[min(self.state_at(step).stage_index, len(self.stages) - 1)]
+
     def evals_for(self, stage: Stage) -> list[EvalConfig]:
         """Evaluation sets active during ``stage``: the curriculum's plus the stage's own."""
         return [*self.config.evals, *stage.config.evals]
