@@ -13,7 +13,6 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -864,8 +863,3 @@ class _Loop:
             self._emit("on_checkpoint", path)
         if self.world_size > 1:
             torch.distributed.barrier()
-
-
-def env_rank() -> int:
-    """This process's rank from the launcher's environment (0 when not launched)."""
-    return int(os.environ.get("RANK", "0"))
