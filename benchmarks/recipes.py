@@ -250,6 +250,16 @@ def charlm(quick: bool, jobs: int) -> None:
         f"### charlm ({'quick' if quick else 'full'})\n\nCommand: `python benchmarks/recipes.py charlm{' --quick' if quick else ''}` (plots against tokens-equivalent steps and wall-clock: `{html.relative_to(ROOT)}`)\n\n"
         + markdown_table(analysis)
     )
+    target = analysis.target
+    assert target is not None
+    tokens = {
+        a.arm: [h["tokens"] if (h := r.time_to(target, False)) else None for r in a.runs]
+        for a in analysis.arms
+    }
+    text += (
+        f"\n\nTokens to reach the long-only median final loss ({target:.4f}) per seed (None: not reached): "
+        + json.dumps(tokens)
+    )
     wall = {
         a.arm: [r.curve[-1]["time"] if r.curve else None for r in a.runs] for a in analysis.arms
     }
