@@ -129,9 +129,9 @@ def test_compare_report_and_resume(tmp_path: Path, tiny_config: dict[str, Any]) 
 
     html_path, table = write_report(out)
     html = html_path.read_text()
-    for png in ("curve_steps.png", "curve_time.png", "final_box.png"):
+    for png in ("curve_steps.png", "curve_time.png", "curve_tokens.png", "final_box.png"):
         assert (out / png).stat().st_size > 1000
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4
     assert "| curriculum | 2/2 |" in table and "<table>" in html
 
     # Interrupt: one run lost entirely, one cut mid-way (checkpoint, no summary).

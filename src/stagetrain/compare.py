@@ -78,8 +78,8 @@ class RunResult:
     """completed, failed or missing."""
     curve: list[dict[str, float]] = field(default_factory=list)
     """Eval points: step, samples, tokens, time, value."""
-    stage_starts: list[tuple[int, str, float]] = field(default_factory=list)
-    """(global step, stage name, wall-clock seconds) of each stage start."""
+    stage_starts: list[tuple[int, str, float, int]] = field(default_factory=list)
+    """(global step, stage name, wall-clock seconds, tokens) of each stage start."""
     error: str | None = None
 
     @property
@@ -122,7 +122,7 @@ def read_run(out_dir: Path, arm: str, seed: int, metric: TargetMetric) -> RunRes
         if r["type"] == "eval" and r.get("name") == metric.eval_name and metric.key in r
     ]
     starts = [
-        (int(r["step"]), str(r["stage"]), float(r["time"]))
+        (int(r["step"]), str(r["stage"]), float(r["time"]), int(r["tokens"]))
         for r in records
         if r["type"] == "stage_start"
     ]

@@ -57,7 +57,7 @@ def _band(arm: ArmAnalysis, axis: str, grid: np.ndarray) -> tuple[np.ndarray, ..
 
 
 def plot_curves(analysis: Analysis, axis: str, path: Path) -> Path:
-    """Target metric against ``axis`` ('step' or 'time') per arm: median line, IQR band."""
+    """Target metric against ``axis`` ('step', 'time' or 'tokens') per arm: median, IQR band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +78,13 @@ def plot_curves(analysis: Analysis, axis: str, path: Path) -> Path:
         _shade_stages(ax, analysis, axis)
     if analysis.target is not None:
         ax.axhline(analysis.target, color="grey", ls=":", lw=1, label="target")
-    ax.set_xlabel({"step": "optimizer step", "time": "wall-clock seconds"}[axis])
+    ax.set_xlabel(
+        {
+            "step": "optimizer step",
+            "time": "wall-clock seconds",
+            "tokens": "tokens (samples for non-token data)",
+        }[axis]
+    )
     ax.set_ylabel(str(analysis.metric))
     ax.set_title(f"{analysis.metric}: median over {len(analysis.seeds)} seeds, IQR shaded")
     ax.legend(loc="best")
@@ -90,7 +96,7 @@ def plot_curves(analysis: Analysis, axis: str, path: Path) -> Path:
 
 
 def _shade_stages(ax: Any, analysis: Analysis, axis: str) -> None:
-    """Shade the curriculum arm's stages (by step; by median start time on the time axis)."""
+    """Shade the curriculum arm's stages on the step, time or tokens axis."""
     arm = next((a for a in analysis.arms if a.arm == "curriculum"), None)
     if arm is None:
         return
@@ -98,17 +104,16 @@ def _shade_stages(ax: Any, analysis: Analysis, axis: str) -> None:
     if not runs:
         return
     starts = runs[0].stage_starts
-    if axis == "time":
-        # Stage starts differ a little in time between seeds: shade at the median.
-        starts_x = [
-            float(np.median([r.stage_starts[i][2] for r in runs if len(r.stage_starts) > i]))
-            for i in range(len(starts))
-        ]
-    else:
-        starts_x = [float(step) for step, _, _ in starts]
+    # Stage starts differ a little between seeds in time (and in tokens after an early
+    # advance): shade at the median over seeds.
+    field = {"step": 0, "time": 2, "tokens": 3}[axis]
+    starts_x = [
+        float(np.median([r.stage_starts[i][field] for r in runs if len(r.stage_starts) > i]))
+        for i in range(len(starts))
+    ]
     end = max(p[axis] for r in runs for p in r.curve)
     edges = [*starts_x, end]
-    for i, (_, name, _) in enumerate(starts):
+    for i, (_, name, *_) in enumerate(starts):
         if i % 2 == 0:
             ax.axvspan(edges[i], edges[i + 1], color="grey", alpha=0.08, lw=0)
         ax.text(
@@ -183,6 +188,7 @@ def write_report(out_dir: str | Path, *, target: float | None = None) -> tuple[P
     plots = [
         plot_curves(analysis, "step", out / "curve_steps.png"),
         plot_curves(analysis, "time", out / "curve_time.png"),
+        plot_curves(analysis, "tokens", out / "curve_tokens.png"),
         plot_box(analysis, out / "final_box.png"),
     ]
     notes = [line for line in table.splitlines() if line and not line.startswith("|")]
@@ -205,7 +211,8 @@ bootstrap interval and a two-sided Wilcoxon signed-rank p-value; "no significant
 means p &ge; 0.05. Every derived arm has the curriculum's total budget and LR trajectory.</p>
 <h2>Target metric against steps</h2>{_img(plots[0])}
 <h2>Target metric against wall-clock time</h2>{_img(plots[1])}
-<h2>Final metric per arm</h2>{_img(plots[2])}
+<h2>Target metric against tokens seen</h2>{_img(plots[2])}
+<h2>Final metric per arm</h2>{_img(plots[3])}
 <h2>Machine</h2><p>{html.escape(machine_description())}</p>
 <h2>Curriculum</h2><pre>{html.escape(config_text)}</pre>
 </body></html>
