@@ -1,7 +1,7 @@
 """Reproduce the published curricula with the built-in recipes, through `stagetrain compare`.
 
     python benchmarks/recipes.py RECIPE [--quick] [--jobs 2]
-    RECIPE: parity | noisy-digits | shapes | addition | charlm | all
+    RECIPE: parity | noisy-digits | shapes-sweep | shapes | addition | charlm | all
 
 Each recipe runs its curriculum and controls over seeds (full: 10 seeds for the cheap
 recipes, 5 for shapes and charlm; quick: 2 seeds), then writes
@@ -194,6 +194,46 @@ def shapes(quick: bool, jobs: int) -> None:
     write_result("shapes", quick, "\n".join(lines), {"test_error": errors})
 
 
+def shapes_sweep(quick: bool, jobs: int) -> None:
+    """Tune LR and width for the baseline (GeomShapes only), as Bengio et al. did, by the
+    median best validation accuracy over seeds; the chosen pair is then frozen for all arms."""
+    base = yaml.safe_load((EXAMPLES / "shapes.yaml").read_text())
+    seeds = 1 if quick else 2
+    root = ROOT / "runs" / "bench" / ("shapes-sweep-quick" if quick else "shapes-sweep")
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for width in (256, 512):
+        for lr in (0.01, 0.03, 0.1):
+            config = dict(base, name=f"shapes-w{width}-lr{lr}")
+            config["model"] = {
+                "builtin": "mlp",
+                "args": {"in_features": 1024, "hidden": [width] * 3, "out_features": 3},
+            }
+            config["stages"] = [
+                dict(base["stages"][0], optimizer={"name": "sgd", "lr": lr, "momentum": 0.9}),
+                base["stages"][1],
+            ]
+            path = root / f"w{width}-lr{lr}.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            analysis = run_compare(
+                path,
+                root / f"w{width}-lr{lr}",
+                arms=["baseline"],
+                seeds=seeds,
+                jobs=jobs,
+                metric="valid.accuracy",
+            )
+            best = [b for r in analysis.arms[0].runs if (b := r.best(True)) is not None]
+            rows.append((width, lr, float(np.median(best)) if best else float("nan")))
+    chosen = max(rows, key=lambda r: r[2])
+    lines = [f"### shapes: baseline LR and width sweep ({'quick' if quick else 'full'})", "",
+             f"Command: `python benchmarks/recipes.py shapes-sweep{' --quick' if quick else ''}`. GeomShapes only, 32 epochs, SGD momentum 0.9, {seeds} seeds; median of the best validation accuracy.", "",
+             "| width | LR | best valid accuracy (median) |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| 3 x {w} | {lr} | {acc:.4f} |" for w, lr, acc in rows]
+    lines += ["", f"Chosen for every arm: width 3 x {chosen[0]}, LR {chosen[1]}."]
+    write_result("shapes-sweep", quick, "\n".join(lines), {"rows": rows, "chosen": chosen})
+
+
 def addition(quick: bool, jobs: int) -> None:
     seeds = 2 if quick else 5
     root = ROOT / "runs" / "bench" / ("addition-quick" if quick else "addition")
@@ -272,6 +312,7 @@ def charlm(quick: bool, jobs: int) -> None:
 RECIPES = {
     "parity": parity,
     "noisy-digits": noisy_digits,
+    "shapes-sweep": shapes_sweep,
     "shapes": shapes,
     "addition": addition,
     "charlm": charlm,
