@@ -67,6 +67,21 @@ def resolve_factory(
     return target
 
 
+def call_factory(
+    factory: Callable[..., Any], args: dict[str, Any], *, error: type[Exception], what: str
+) -> Any:
+    """``factory(**args)``; anything it raises (other than our own errors) becomes ``error``
+    with the message ``"{what} failed: Type: message"``, so the user sees which field broke."""
+    from stagetrain.errors import StageTrainError
+
+    try:
+        return factory(**args)
+    except StageTrainError:
+        raise
+    except Exception as exc:  # a user factory may raise anything
+        raise error(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
     """Build the ``nn.Module`` a :class:`~stagetrain.config.ModelConfig` declares.
 
@@ -81,14 +96,7 @@ def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
         builtin=cfg.builtin, factory=cfg.factory, table=BUILTIN_MODELS, field=field, kind="model"
     )
     torch.manual_seed(seed)
-    try:
-        model = factory(**cfg.args)
-    except StageTrainError:
-        raise
-    except Exception as exc:  # a user factory may raise anything: name the field
-        raise ConfigError(
-            f"{field}: building the model failed: {type(exc).__name__}: {exc}"
-        ) from exc
+    model = call_factory(factory, cfg.args, error=ConfigError, what=f"{field}: building the model")
     if not isinstance(model, torch.nn.Module):
         raise StageTrainError(f"{field}: the factory returned {type(model).__name__}, not a Module")
     if cfg.weights is not None:
