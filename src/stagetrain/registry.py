@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from stagetrain.errors import ConfigError
+from stagetrain.errors import ConfigError, StageTrainError
 
 BUILTIN_SOURCES: dict[str, str] = {
     "parity": "stagetrain.recipes.parity:parity_dataset",
@@ -72,8 +72,6 @@ def call_factory(
 ) -> Any:
     """``factory(**args)``; anything it raises (other than our own errors) becomes ``error``
     with the message ``"{what} failed: Type: message"``, so the user sees which field broke."""
-    from stagetrain.errors import StageTrainError
-
     try:
         return factory(**args)
     except StageTrainError:
@@ -89,8 +87,6 @@ def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
     seed; ``weights`` (a state_dict file or ``.safetensors``) is then loaded safely.
     """
     import torch
-
-    from stagetrain.errors import StageTrainError
 
     factory = resolve_factory(
         builtin=cfg.builtin, factory=cfg.factory, table=BUILTIN_MODELS, field=field, kind="model"
