@@ -41,6 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = fit(
         model,
         curriculum,
+        teacher=curriculum.build_teacher(),
         run_dir=args.run_dir,
         resume=resume,
         on_change=args.on_change,

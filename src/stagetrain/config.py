@@ -55,7 +55,8 @@ class ModelConfig(_Config):
     """How a model is built: a built-in name or a factory import path, with args.
 
     ``weights`` (optional) is a file of trained parameters — a ``state_dict`` saved with
-    ``torch.save`` or a ``.safetensors`` file — loaded without unpickling code.
+    ``torch.save``, a ``.safetensors`` file, a stagetrain checkpoint, or a run directory
+    (its newest intact checkpoint) — loaded without unpickling code.
     """
 
     builtin: str | None = None
@@ -278,6 +279,18 @@ class OptimizerConfig(_Config):
     """LR multiplier over the stage (stage-local time), after warmup."""
     grad_clip: float | None = Field(default=None, gt=0)
     """Clip the global gradient norm to this value."""
+    lr_multipliers: dict[str, float] = Field(default_factory=dict)
+    """Parameter-name glob -> factor on the learning rate (first match wins), e.g.
+    ``{"router.*": 100}`` to train a router faster than the model. Every pattern must
+    match some parameter. Fixed by the stage that builds the optimizer."""
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _multipliers(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, factor in value.items():
+            if not factor > 0:
+                raise ValueError(f"lr_multipliers[{pattern!r}]: must be > 0, got {factor}")
+        return value
 
     @field_validator("warmup")
     @classmethod
@@ -493,6 +506,9 @@ class CurriculumConfig(_Config):
     seed: int = 0
     stages: list[StageConfig] = Field(min_length=1)
     model: ModelConfig | None = None
+    teacher: ModelConfig | None = None
+    """A frozen model whose outputs ``kl_distill`` loss terms match (``fit(teacher=...)``
+    takes precedence); built like ``model``, usually with ``weights``."""
     batch_size: int = Field(default=32, gt=0)
     total: str | None = None
     """Length of the whole run; needed only by stage durations written in 'dur'."""

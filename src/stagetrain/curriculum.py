@@ -185,15 +185,18 @@ class StepInfo:
     def batch(self) -> Batch:
         return self.stage.batch(self.stage_step, self.rank, self.world_size)
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The stage's weighted loss (built-in kl_distill needs the built-in loop)."""
-        return self.stage.loss(output, target)[0]
+    def loss(
+        self, output: torch.Tensor, target: torch.Tensor, model: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """The stage's weighted loss (built-in kl_distill needs the built-in loop; terms
+        that read the model, such as a router cost, need ``model``)."""
+        return self.stage.loss(output, target, model=model)[0]
 
     def set_lr(self, optimizer: torch.optim.Optimizer) -> float:
         """Write this step's learning rate into every param group; returns it."""
         lr = self.lr
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_multiplier", 1.0)
         return lr
 
 
@@ -203,7 +206,8 @@ class Curriculum:
     Args:
         config: the curriculum declaration.
         datasets: in-memory datasets referred to as ``"@name"`` in the config.
-        has_teacher: whether a teacher model will be available (for ``kl_distill``).
+        has_teacher: whether a teacher model will be available (for ``kl_distill``);
+            implied when the config declares ``teacher``.
 
     Raises:
         ConfigError: when a field is invalid (named in the message).
@@ -229,7 +233,7 @@ class Curriculum:
             default_model=config.model,
             progress=progress,
         )
-        self._has_teacher = has_teacher
+        self._has_teacher = has_teacher or config.teacher is not None
         self.stages: list[Stage] = []
         for index, stage_config in enumerate(config.resolved_stages()):
             self.stages.append(self._build_stage(index, stage_config))
@@ -417,6 +421,14 @@ class Curriculum:
         if self.config.model is None:
             raise ConfigError("model: the config declares no model; pass one to fit()")
         return build_model(self.config.model, seed=self.config.seed)
+
+    def build_teacher(self) -> torch.nn.Module | None:
+        """The frozen teacher declared in the config's ``teacher`` section, if any."""
+        if self.config.teacher is None:
+            return None
+        teacher = build_model(self.config.teacher, seed=self.config.seed, field="teacher")
+        teacher.eval().requires_grad_(False)
+        return teacher
 
 
 def _weight_schedule(weight: Any, steps: int, ctx: TimeContext) -> Schedule:

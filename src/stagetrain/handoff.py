@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -20,18 +21,52 @@ from stagetrain.errors import ConfigError
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig
+    params: Iterable[tuple[str, torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
+    cfg: OptimizerConfig,
 ) -> torch.optim.Optimizer:
-    """A torch optimizer for ``cfg`` over ``params`` (LR is set per step by the loop)."""
-    params = list(params)
+    """A torch optimizer for ``cfg`` over ``params`` (LR is set per step by the loop).
+
+    ``params`` are ``(name, parameter)`` pairs (``model.named_parameters()``) or bare
+    parameters; ``cfg.lr_multipliers`` needs names. Each param group carries its
+    ``lr_multiplier``, which the loop applies on top of the scheduled learning rate.
+    """
+    groups = _param_groups(list(params), cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return optimizer_class(
-        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
+
+
+def _param_groups(params: list[Any], cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    named = [p for p in params if isinstance(p, tuple)]
+    if not named:
+        if cfg.lr_multipliers:
+            raise ConfigError("optimizer.lr_multipliers: needs named parameters")
+        return [{"params": params, "lr_multiplier": 1.0}]
+    patterns = list(cfg.lr_multipliers)
+    members: dict[str | None, list[torch.nn.Parameter]] = {p: [] for p in [None, *patterns]}
+    for name, param in named:
+        match = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        members[match].append(param)
+    unused = [p for p in patterns if not members[p]]
+    if unused:
+        raise ConfigError(
+            f"optimizer.lr_multipliers: pattern(s) {unused} match no parameter name "
+            f"(names look like {named[0][0]!r})"
+        )
+    return [
+        {
+            "params": group,
+            "lr_multiplier": 1.0 if pattern is None else cfg.lr_multipliers[pattern],
+            "pattern": pattern,
+        }
+        for pattern, group in members.items()
+        if group or pattern is None
+    ]
 
 
 def update_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig) -> None:
@@ -55,7 +90,7 @@ def apply_handoff(
     """The optimizer to use in ``stage``: a new one for the first stage or ``reset``."""
     assert stage.optimizer is not None
     if optimizer is None or first_stage or stage.handoff == "reset":
-        return build_optimizer(model.parameters(), stage.optimizer)
+        return build_optimizer(model.named_parameters(), stage.optimizer)
     update_hyperparameters(optimizer, stage.optimizer)
     return optimizer
 

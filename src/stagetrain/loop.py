@@ -232,6 +232,8 @@ def fit(
         check_writable(run_path, checkpoint_bytes_estimate(model, config.checkpoint.keep))
     dev = torch.device(device) if device is not None else default_device(info)
     model.to(dev)
+    if teacher is None:
+        teacher = curriculum.build_teacher()
     if teacher is not None:
         teacher.to(dev).eval()
     store = CheckpointStore(run_path / "checkpoints", keep=config.checkpoint.keep)
@@ -300,9 +302,15 @@ def _restore(
     from (seed, step, rank), and a warning says so.
     """
     model.load_state_dict(payload["model"])
-    opt_cfg = curriculum.stages[min(state.stage_index, len(curriculum.stages) - 1)].config.optimizer
+    current = min(state.stage_index, len(curriculum.stages) - 1)
+    # The param groups were laid out by the stage that last built the optimizer (the first
+    # stage or a 'reset' hand-off); the saved state restores every group's settings.
+    builder = max(
+        i for i in range(current + 1) if i == 0 or curriculum.stages[i].config.handoff == "reset"
+    )
+    opt_cfg = curriculum.stages[builder].config.optimizer
     assert opt_cfg is not None
-    optimizer = build_optimizer(model.parameters(), opt_cfg)
+    optimizer = build_optimizer(model.named_parameters(), opt_cfg)
     optimizer.load_state_dict(payload["optimizer"])
     rngs = payload["rng"]
     if len(rngs) == info.world_size:
@@ -609,7 +617,7 @@ class _Loop:
             targets = targets.to(self.device, non_blocking=True)
             lr = stage.lr(stage_step, state.step) * state.lr_scale
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_multiplier", 1.0)
             loss, terms = self._forward_backward(stage, model, inputs, targets)
             if policy == "raise":
                 self._watch(loss, terms, state.step)
@@ -688,7 +696,7 @@ class _Loop:
         plain = self.autocast_dtype is None and self.scaler is None and self.accelerator is None
         if accum == 1 and plain and not stage.loss.needs_teacher:
             # The common case, kept free of per-step Python overhead.
-            loss, terms = stage.loss(model(inputs), targets)
+            loss, terms = stage.loss(model(inputs), targets, model=model)
             loss.backward()
             return loss.detach(), terms
         micro = zip(inputs.chunk(accum), targets.chunk(accum), strict=True)
@@ -714,7 +722,7 @@ class _Loop:
                         assert self.teacher is not None
                         with torch.no_grad():
                             teacher_output = self.teacher(x)
-                    loss, terms = stage.loss(output, y, teacher_output)
+                    loss, terms = stage.loss(output, y, teacher_output, model=model)
                     loss = loss / accum
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()

@@ -8,6 +8,7 @@ an import path ``"pkg.mod:fn"`` with the same signature.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,9 @@ class StageLoss:
     fns: tuple[LossFn, ...]
     args: tuple[dict[str, Any], ...]
     needs_teacher: bool
+    wants_model: tuple[bool, ...] = ()
+    """Per term: the function takes a ``model`` keyword (auxiliary losses the model
+    computed in its forward pass, such as a router's cost)."""
 
     @classmethod
     def build(cls, terms: Sequence[LossTerm], *, field: str, has_teacher: bool) -> StageLoss:
@@ -95,6 +99,7 @@ class StageLoss:
             fns=tuple(fns),
             args=tuple(dict(t.args) for t in terms),
             needs_teacher=needs_teacher,
+            wants_model=tuple(_takes_model(fn) for fn in fns),
         )
 
     def __call__(
@@ -102,20 +107,33 @@ class StageLoss:
         output: torch.Tensor,
         target: torch.Tensor,
         teacher_output: torch.Tensor | None = None,
+        model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if len(self.fns) == 1 and self.weights[0] == 1.0 and not self.needs_teacher:
+        simple = len(self.fns) == 1 and self.weights[0] == 1.0 and not self.needs_teacher
+        if simple and not any(self.wants_model):
             value = self.fns[0](output, target, **self.args[0])  # no extra ops on the hot path
             return value, {self.names[0]: value}
         terms: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
-        for name, weight, fn, args in zip(
-            self.names, self.weights, self.fns, self.args, strict=True
+        for name, weight, fn, args, wants_model in zip(
+            self.names, self.weights, self.fns, self.args, self.wants_model, strict=True
         ):
             if fn is kl_distill:
                 value = fn(output, target, teacher_output=teacher_output, **args)
+            elif wants_model:
+                if model is None:
+                    raise ConfigError(f"loss term {name!r} needs the model; call with model=")
+                value = fn(output, target, model=getattr(model, "module", model), **args)
             else:
                 value = fn(output, target, **args)
             terms[name] = value
             total = weight * value if total is None else total + weight * value
         assert total is not None
         return total, terms
+
+
+def _takes_model(fn: Any) -> bool:
+    try:
+        return "model" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False

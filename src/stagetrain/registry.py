@@ -19,6 +19,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "shapes": "stagetrain.recipes.shapes:shapes_dataset",
     "addition": "stagetrain.recipes.addition:addition_dataset",
     "stdlib_text": "stagetrain.recipes.pystdlib:stdlib_text",
+    "budget_text": "stagetrain.elastic.data:budget_tagged",
 }
 """Built-in data sources: name -> import path of a factory ``(**args) -> Dataset``."""
 
@@ -26,6 +27,8 @@ BUILTIN_MODELS: dict[str, str] = {
     "mlp": "stagetrain.recipes.models:mlp",
     "addition_gru": "stagetrain.recipes.addition:addition_gru",
     "gpt": "stagetrain.recipes.gpt:gpt",
+    "elastic_gpt": "stagetrain.elastic.model:elastic_gpt",
+    "elastic_parent": "stagetrain.recipes.elastic:elastic_parent",
 }
 """Built-in models: name -> import path of a factory ``(**args) -> nn.Module``."""
 
@@ -96,18 +99,27 @@ def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
     if not isinstance(model, torch.nn.Module):
         raise StageTrainError(f"{field}: the factory returned {type(model).__name__}, not a Module")
     if cfg.weights is not None:
-        model.load_state_dict(_load_weights(cfg.weights, field=f"{field}.weights"))
+        model.load_state_dict(load_weights(cfg.weights, field=f"{field}.weights"))
     return model
 
 
-def _load_weights(path: str, *, field: str) -> dict[str, Any]:
+def load_weights(path: str, *, field: str) -> dict[str, Any]:
     from pathlib import Path
 
     from stagetrain.errors import CheckpointError
 
     file = Path(path)
+    if (file / "checkpoints" / "manifest.json").is_file():
+        # A run directory: the model weights of its newest intact checkpoint.
+        from stagetrain.checkpoint import CheckpointStore
+
+        payload, _ = CheckpointStore(file / "checkpoints").load_latest()
+        return dict(payload["model"])
     if not file.is_file():
-        raise CheckpointError(f"{field}: weights file {path!r} not found")
+        raise CheckpointError(
+            f"{field}: weights file {path!r} not found (expected a state_dict file, "
+            "a .safetensors file, a stagetrain checkpoint or a run directory)"
+        )
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -51,23 +51,59 @@ def addition_dataset(
 
 
 class AdditionGRU(nn.Module):
-    """A GRU that reads digit pairs ``(a_i, b_i)`` least significant first and emits sum
-    digit ``i`` at step ``i`` (one extra step for the final carry): it must learn to carry
-    the carry in its state, over chains as long as the numbers."""
+    """A GRU sequence model for the addition task, with two ways of reading the numbers.
 
-    def __init__(self, *, max_digits: int = 5, hidden: int = 128, embed: int = 32) -> None:
+    ``layout="pairs"`` reads digit pairs ``(a_i, b_i)`` least significant first and emits
+    sum digit ``i`` at step ``i`` (one extra step for the final carry): it only has to
+    carry the carry in its state, which makes the task easy.
+
+    ``layout="text"`` reads the problem as text, most significant digit first, the way
+    "Learning to Execute" feeds its LSTM: ``a`` , ``+``, ``b``, ``=``, then one query token
+    per sum digit, at which it emits the sum most significant first. It must hold every
+    digit of ``a`` in its state until the matching digit of ``b`` arrives, and the carry
+    flows against the reading order, so longer numbers are much harder.
+    """
+
+    PLUS, EQUALS, QUERY = 10, 11, 12
+
+    def __init__(
+        self, *, max_digits: int = 5, hidden: int = 128, embed: int = 32, layout: str = "pairs"
+    ) -> None:
         super().__init__()
+        if layout not in ("pairs", "text"):
+            raise ValueError(f"layout must be 'pairs' or 'text', got {layout!r}")
         self.max_digits = max_digits
-        self.embed = nn.Embedding(100, embed)
+        self.layout = layout
+        self.embed = nn.Embedding(100 if layout == "pairs" else 13, embed)
         self.rnn = nn.GRU(embed, hidden, batch_first=True)
         self.head = nn.Linear(hidden, 10)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         a, b = tokens[:, : self.max_digits], tokens[:, self.max_digits :]
-        pairs = torch.nn.functional.pad(a * 10 + b, (0, 1))  # a final (0, 0) for the carry
-        outputs, _ = self.rnn(self.embed(pairs))
-        return self.head(outputs)
+        if self.layout == "pairs":
+            pairs = torch.nn.functional.pad(a * 10 + b, (0, 1))  # a final (0, 0) for the carry
+            outputs, _ = self.rnn(self.embed(pairs))
+            return self.head(outputs)
+        batch = tokens.shape[0]
+
+        def token(value: int, count: int) -> torch.Tensor:
+            return torch.full((batch, count), value, dtype=tokens.dtype, device=tokens.device)
+
+        text = torch.cat(
+            [
+                a,
+                token(self.PLUS, 1),
+                b,
+                token(self.EQUALS, 1),
+                token(self.QUERY, self.max_digits + 1),
+            ],
+            dim=1,
+        )
+        outputs, _ = self.rnn(self.embed(text))
+        return self.head(outputs[:, -(self.max_digits + 1) :])
 
 
-def addition_gru(*, max_digits: int = 5, hidden: int = 128, embed: int = 32) -> AdditionGRU:
-    return AdditionGRU(max_digits=max_digits, hidden=hidden, embed=embed)
+def addition_gru(
+    *, max_digits: int = 5, hidden: int = 128, embed: int = 32, layout: str = "pairs"
+) -> AdditionGRU:
+    return AdditionGRU(max_digits=max_digits, hidden=hidden, embed=embed, layout=layout)
