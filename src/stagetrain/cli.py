@@ -83,6 +83,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from stagetrain.elastic.extract import extract_run
+
+    report = extract_run(args.run_dir, args.budget, args.out, check_batches=args.check_batches)
+    for line in report.lines():
+        print(line)
+    if report.max_abs_diff >= 1e-4:
+        print("stagetrain: error: the extracted model does not match the parent", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import files
 
@@ -169,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", type=Path, help="the directory compare wrote")
     rep.add_argument("--target", type=float, default=None, help="time-to-target threshold")
     rep.set_defaults(func=_cmd_report)
+
+    ext = sub.add_parser(
+        "extract", help="write a standalone submodel of an elastic run for one budget"
+    )
+    ext.add_argument("run_dir", type=Path, help="the elastic run's directory")
+    ext.add_argument("--budget", required=True, help="budget name, e.g. small")
+    ext.add_argument(
+        "--out", type=Path, required=True, help="directory for model.safetensors + model.json"
+    )
+    ext.add_argument(
+        "--check-batches",
+        type=int,
+        default=4,
+        help="random batches compared against the masked parent (default: %(default)s)",
+    )
+    ext.set_defaults(func=_cmd_extract)
 
     demo = sub.add_parser(
         "demo", help="two-stage sparse parity against its baseline, with a report"

@@ -29,6 +29,7 @@ BUILTIN_MODELS: dict[str, str] = {
     "gpt": "stagetrain.recipes.gpt:gpt",
     "elastic_gpt": "stagetrain.elastic.model:elastic_gpt",
     "elastic_parent": "stagetrain.recipes.elastic:elastic_parent",
+    "elastic_pruned": "stagetrain.recipes.elastic:pruned_teacher",
 }
 """Built-in models: name -> import path of a factory ``(**args) -> nn.Module``."""
 

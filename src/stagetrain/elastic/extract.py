@@ -10,6 +10,7 @@ equals the parent's masked forward pass for that budget.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ def extract(parent: ElasticGPT, budget: str) -> tuple[ElasticGPT, dict[str, Any]
         sizes = parent.router.configuration(budget)
     except KeyError as exc:
         raise ConfigError(f"extract: --budget: {exc.args[0]}") from None
+    return slice_model(parent, sizes)
+
+
+def slice_model(parent: ElasticGPT, sizes: dict[str, int]) -> tuple[ElasticGPT, dict[str, Any]]:
+    """A plain model keeping the first ``width`` channels, ``heads`` heads and ``ffn``
+    neurons and the ``depth`` most important layers of ``parent`` (ranked and permuted)."""
     width, n_heads, ffn, depth = sizes["width"], sizes["heads"], sizes["ffn"], sizes["depth"]
     kept_layers = [i for i in range(len(parent.blocks)) if int(parent.layer_rank[i]) < depth]
     args: dict[str, Any] = dict(parent.arch, width=width, heads=n_heads, ffn=ffn, layers=depth)
@@ -74,3 +81,73 @@ def save_extracted(model: ElasticGPT, args: dict[str, Any], out: str | Path) -> 
     config = {"builtin": "elastic_gpt", "args": args, "weights": str(weights.resolve())}
     atomic_write_text(out / "model.json", json.dumps(config, indent=2) + "\n")
     return weights
+
+
+@dataclass
+class ExtractionReport:
+    """What :func:`extract_run` wrote and how well it matches the parent."""
+
+    budget: str
+    sizes: dict[str, Any]
+    params: int
+    full_params: int
+    target: float
+    max_abs_diff: float
+    weights: Path
+
+    @property
+    def fraction(self) -> float:
+        return self.params / self.full_params
+
+    def lines(self) -> list[str]:
+        return [
+            f"budget {self.budget!r}: width {self.sizes['width']}, heads {self.sizes['heads']}, "
+            f"ffn {self.sizes['ffn']}, layers {self.sizes['layers']}",
+            f"parameters {self.params:,} = {self.fraction:.3f} of the full {self.full_params:,} "
+            f"(target {self.target:.3f}; {self.fraction / self.target - 1:+.1%} off)",
+            f"max |extracted - masked parent| on check batches: {self.max_abs_diff:.2e}",
+            f"wrote {self.weights} and {self.weights.with_name('model.json')}",
+        ]
+
+
+def extract_run(
+    run_dir: str | Path, budget: str, out: str | Path, *, check_batches: int = 4, seed: int = 0
+) -> ExtractionReport:
+    """Extract ``budget`` from the newest checkpoint of an elastic run, save it, and check
+    it against the masked parent on random token batches."""
+    from stagetrain.config import load_config
+    from stagetrain.registry import build_model, load_weights
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = load_config(config_path)
+    if config.model is None:
+        raise ConfigError(f"{config_path}: model: the run declares no model")
+    parent = build_model(config.model, seed=config.seed)
+    if not isinstance(parent, ElasticGPT):
+        raise ConfigError(f"{config_path}: model: not an ElasticGPT (cannot extract budgets)")
+    parent.load_state_dict(load_weights(str(run_dir), field="run_dir"))
+    parent.eval()
+    child, args = extract(parent, budget)
+    child.eval()
+    assert parent.router is not None
+    index = parent.router.index(budget)
+    generator = torch.Generator().manual_seed(seed)
+    diff = 0.0
+    with torch.no_grad():
+        for _ in range(check_batches):
+            tokens = torch.randint(0, parent.vocab, (4, parent.context), generator=generator)
+            masked = parent(tokens + parent.vocab * index)
+            diff = max(diff, float((child(tokens) - masked).abs().max()))
+    weights = save_extracted(child, args, out)
+    return ExtractionReport(
+        budget=budget,
+        sizes=args,
+        params=sum(p.numel() for p in child.parameters()),
+        full_params=parent.full_params,
+        target=parent.router.budgets[index].target,
+        max_abs_diff=diff,
+        weights=weights,
+    )

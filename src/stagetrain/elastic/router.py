@@ -2,11 +2,14 @@
 
 One small network per axis (width, heads, ffn, depth): one-hot budget -> Linear ->
 LeakyReLU -> Linear -> logits over that axis's choices, sampled with a straight-through
-Gumbel-softmax while training (argmax in evaluation). The temperature anneals
+Gumbel-softmax while training (argmax in evaluation): the forward pass uses an exact
+one-hot choice, the gradient is that of the relaxed sample. The temperature anneals
 geometrically from ``tau[0]`` to ``tau[1]`` and the logit scale linearly from
 ``scale[0]`` to ``scale[1]`` over ``anneal_forwards`` training forward passes (counted in
 a buffer, so a resumed run continues the annealing exactly). The router loss is
-``|params(choice) / target - 1|``, differentiable through the one-hot choices.
+``|params / target - 1|`` with the parameter count of the relaxed sample (exact for the
+one-hot choice as the temperature falls; the count is a sum of products of distinct
+axes' sizes, so it is smooth in every router's probabilities).
 
 Nesting is enforced, not hoped for: with budgets ordered by target, each axis's choice
 of a budget is capped at the choice of every larger budget (a running minimum), so the
@@ -139,27 +142,37 @@ class BudgetRouter(nn.Module):
             positions = torch.arange(int(sizes[-1]), device=sizes.device).float()
         return (positions[None, :] < sizes[:, None]).float()
 
-    def select(self, training: bool) -> dict[str, torch.Tensor]:
-        """One-hot choices ``{axis: (n_budgets, n_choices)}`` for every budget, nested."""
+    def select(
+        self, training: bool, *, relaxed: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One-hot choices ``{axis: (n_budgets, n_choices)}`` for every budget, nested.
+
+        The forward value is exactly one-hot; the gradient is that of the budget's own
+        (Gumbel-)softmax sample (straight-through), also when its choice was capped.
+        ``relaxed``, when given, receives those soft samples (for the cost term).
+        """
         eye = torch.eye(len(self.budgets), device=self.targets.device)
         tau, scale = self.annealing()
         selection = {}
         for axis in AXES:
             logits = self.nets[axis](eye) * scale
             if training:
-                onehot = F.gumbel_softmax(logits, tau=tau, hard=True)  # type: ignore[arg-type]
+                gumbel = -torch.empty_like(logits).exponential_().log()
+                soft = torch.softmax((logits + gumbel) / tau, dim=-1)
             else:
-                onehot = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+                soft = torch.softmax(logits / tau, dim=-1)
+            index = soft.argmax(-1)
             # A budget of target 1.0 is the parent itself: every axis at its full size.
-            largest = torch.zeros_like(onehot[0])
-            largest[-1] = 1.0
-            onehot = torch.where(self.is_full[:, None], largest, onehot)
+            index = torch.where(self.is_full, len(self.choices[axis]) - 1, index)
             # Cap each budget's choice at every larger budget's: a running minimum in
-            # target order; the capped budget takes the larger one's one-hot (and gradient).
-            ordered = onehot[self.order]
-            source = torch.cummin(ordered.argmax(-1), dim=0).indices
-            nested = ordered[source]
-            selection[axis] = torch.empty_like(nested).index_copy(0, self.order, nested)
+            # target order, so smaller budgets are always nested in larger ones.
+            capped = torch.empty_like(index).index_copy(
+                0, self.order, torch.cummin(index[self.order], dim=0).values
+            )
+            hard = F.one_hot(capped, len(self.choices[axis])).to(soft.dtype)
+            selection[axis] = hard + (soft - soft.detach())  # exactly one-hot forward
+            if relaxed is not None:
+                relaxed[axis] = soft
         return selection
 
     def cost(self, selection: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,9 +190,12 @@ class BudgetRouter(nn.Module):
         """Per-sample one-hot choices for ``budget`` (``(B,)`` indices) and the router loss."""
         if training:
             self.forwards += 1
-        selection = self.select(training)
+        relaxed: dict[str, torch.Tensor] = {}
+        selection = self.select(training, relaxed=relaxed)
         full = param_count(**self.arch)
-        per_budget = (self.cost(selection) / (self.targets * full) - 1).abs()
+        # The cost of the relaxed sample: smooth in the router's logits, and equal to the
+        # chosen configuration's cost as the temperature anneals toward zero.
+        per_budget = (self.cost(relaxed) / (self.targets * full) - 1).abs()
         return {axis: sel[budget] for axis, sel in selection.items()}, per_budget[budget].mean()
 
     @torch.no_grad()

@@ -58,3 +58,25 @@ def elastic_parent(
     if unexpected or any(not key.startswith("router.") for key in missing):
         raise ConfigError(f"elastic_parent: teacher weights do not fit ({missing}, {unexpected})")
     return parent
+
+
+def pruned_teacher(
+    *,
+    teacher: dict[str, Any],
+    weights: str | None,
+    sizes: dict[str, int],
+    calibration: dict[str, Any] | None = None,
+) -> ElasticGPT:
+    """The teacher pruned once to fixed ``sizes`` (``width``, ``heads``, ``ffn``, ``depth``)
+    by the same importance ranking: the starting point of distilling one budget on its
+    own (Minitron-style), the control for training all budgets nested at once."""
+    from stagetrain.elastic.extract import slice_model
+
+    plain = ElasticGPT(**teacher)
+    if weights is not None:
+        plain.load_state_dict(load_weights(weights, field="model.args.weights"))
+    rank_and_permute(plain, calibration_batches(**(calibration or {})))
+    missing = {"width", "heads", "ffn", "depth"} - set(sizes)
+    if missing:
+        raise ConfigError(f"pruned_teacher: sizes needs {sorted(missing)}")
+    return slice_model(plain, sizes)[0]

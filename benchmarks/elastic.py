@@ -1,0 +1,229 @@
+"""Nemotron Elastic in miniature on the stdlib text: nested budgets, two-stage curriculum.
+
+    python benchmarks/elastic.py [--quick] [--jobs 2]
+
+1. trains the teacher (examples/elastic_teacher.yaml) unless runs/bench/elastic/teacher
+   holds a finished run;
+2. trains the nested parent twice with examples/elastic.yaml: stage 2 weighted toward
+   the full model (0.5 / 0.3 / 0.2, as published) and stage 2 uniform (1/3 each);
+   per-budget validation loss at context 256 after stage 1 and after stage 2 (the shape
+   of the paper's Tables 4 and 5);
+3. extracts mid and small zero-shot from the weighted run (`stagetrain extract`) and
+   checks them against the masked parent;
+4. distils each of mid and small on its own from the same teacher (pruned once by the
+   same ranking to the sizes the router chose; the same two-stage context schedule,
+   allowed twice the tokens) and counts the tokens each needs to reach the nested
+   model's validation loss for that budget: the token cost of separate training
+   against nested training, as a ratio.
+
+Writes benchmarks/results/elastic[-quick].md and .json. One seed (each run costs
+minutes on 2 CPU cores); the quick version shrinks every budget ~8x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from recipes import EXAMPLES, ROOT, write_result
+
+from stagetrain.elastic.extract import extract_run
+from stagetrain.logs import read_records
+
+STAGETRAIN = [sys.executable, "-m", "stagetrain.cli"]
+
+
+def scaled(duration: str, factor: float) -> str:
+    number = float(duration.removesuffix("tok"))
+    return f"{int(number * factor)}tok"
+
+
+def train(config: dict[str, Any], run_dir: Path) -> float:
+    """Run a config (skipping a finished run); returns its wall-clock seconds."""
+    summary = run_dir / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+        return float(json.loads(summary.read_text())["state"]["elapsed_s"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    start = time.perf_counter()
+    command = [*STAGETRAIN, "run", str(path), "--run-dir", str(run_dir), "--no-progress"]
+    if (run_dir / "checkpoints" / "manifest.json").exists():
+        command.append("--resume")
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def evals(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_records(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+
+
+def stage_ends(run_dir: Path) -> list[int]:
+    return [r["step"] for r in read_records(run_dir / "metrics.jsonl") if r["type"] == "stage_end"]
+
+
+def loss_at(run_dir: Path, name: str, step: int) -> float:
+    """Validation loss ``name`` at the last evaluation at or before ``step``."""
+    records = [r for r in evals(run_dir) if r["name"] == name and r["step"] <= step]
+    return float(records[-1]["loss"])
+
+
+def tokens_to_reach(run_dir: Path, name: str, threshold: float) -> int | None:
+    for record in evals(run_dir):
+        if record["name"] == name and record["loss"] <= threshold:
+            return int(record["tokens"])
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    factor = 0.125 if args.quick else 1.0
+    root = ROOT / "runs" / "bench" / ("elastic-quick" if args.quick else "elastic")
+
+    teacher_cfg = yaml.safe_load((EXAMPLES / "elastic_teacher.yaml").read_text())
+    for stage in teacher_cfg["stages"]:
+        stage["duration"] = scaled(stage["duration"], factor)
+    teacher_dir = root / "teacher"
+    print(f"== teacher -> {teacher_dir}", flush=True)
+    seconds = {"teacher": train(teacher_cfg, teacher_dir)}
+    teacher_loss = loss_at(teacher_dir, "val", 10**12)
+
+    nested = yaml.safe_load((EXAMPLES / "elastic.yaml").read_text())
+    nested["model"]["args"]["weights"] = str(teacher_dir)
+    nested["teacher"]["weights"] = str(teacher_dir)
+    for stage in nested["stages"]:
+        stage["duration"] = scaled(stage["duration"], factor)
+    nested["model"]["args"]["router"]["anneal_forwards"] = max(
+        20, int(nested["model"]["args"]["router"]["anneal_forwards"] * factor)
+    )
+    uniform = yaml.safe_load(yaml.safe_dump(nested))
+    for source in uniform["stages"][1]["data"]["sources"]:
+        source["weight"] = 1
+    runs = {"weighted": (nested, root / "weighted"), "uniform": (uniform, root / "uniform")}
+    print(f"== nested parents (stage 2 weighted / uniform) -> {root}", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = {name: pool.submit(train, cfg, path) for name, (cfg, path) in runs.items()}
+        for name, future in done.items():
+            seconds[name] = future.result()
+
+    budgets = [b["name"] for b in nested["model"]["args"]["budgets"]]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for name, (_, path) in runs.items():
+        end_1 = stage_ends(path)[0]
+        table[name] = {
+            b: {
+                "stage1": loss_at(path, f"val_{b}", end_1),
+                "stage2": loss_at(path, f"val_{b}", 10**12),
+            }
+            for b in budgets
+        }
+    nested_tokens = int(evals(root / "weighted")[-1]["tokens"])
+
+    print("== zero-shot extraction", flush=True)
+    extracted = {}
+    for b in budgets[1:]:
+        report = extract_run(root / "weighted", b, root / f"extracted-{b}")
+        extracted[b] = report
+        print("\n".join("  " + line for line in report.lines()), flush=True)
+
+    print("== separate distillation of each budget from the same teacher", flush=True)
+    separate_runs = {}
+    for b in budgets[1:]:
+        sizes = extracted[b].sizes
+        cfg = yaml.safe_load(yaml.safe_dump(nested))
+        cfg["name"] = f"elastic-separate-{b}"
+        cfg["model"] = {
+            "builtin": "elastic_pruned",
+            "args": {
+                "teacher": nested["model"]["args"]["teacher"],
+                "weights": str(teacher_dir),
+                "sizes": {"width": sizes["width"], "heads": sizes["heads"], "ffn": sizes["ffn"],
+                          "depth": sizes["layers"]},
+            },
+        }  # fmt: skip
+        cfg["evals"] = [{"name": "val", "max_samples": 128, "metrics": ["loss"],
+                         "data": {"builtin": "stdlib_text", "args": {"split": "val", "context": 256}}}]  # fmt: skip
+        cfg["eval_every"] = scaled("65536tok", factor)
+        for stage in cfg["stages"]:
+            stage["duration"] = scaled(stage["duration"], 2.0)  # allowed twice the tokens
+            stage["data"] = {"builtin": "stdlib_text", "name": "stdlib-train",
+                             "args": {"split": "train", "context": 256}}  # fmt: skip
+            stage["loss"] = [{"name": "kl_distill", "weight": 1.0, "args": {"temperature": 1.0}}]
+        cfg["stages"][0]["optimizer"].pop("lr_multipliers", None)
+        separate_runs[b] = (cfg, root / f"separate-{b}")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = {b: pool.submit(train, cfg, path) for b, (cfg, path) in separate_runs.items()}
+        for b, future in done.items():
+            seconds[f"separate-{b}"] = future.result()
+
+    reach: dict[str, int | None] = {}
+    for b, (_, path) in separate_runs.items():
+        reach[b] = tokens_to_reach(path, "val", table["weighted"][b]["stage2"])
+    cap = int(evals(separate_runs[budgets[1]][1])[-1]["tokens"])
+    separate_total = sum(t if t is not None else cap for t in reach.values())
+    bound = "≥ " if any(t is None for t in reach.values()) else ""
+    ratio = separate_total / nested_tokens
+
+    lines = [
+        f"### elastic ({'quick' if args.quick else 'full'})", "",
+        f"Command: `python benchmarks/elastic.py{' --quick' if args.quick else ''}`. Teacher: "
+        f"a byte-level GPT (width 128, 4 heads, MLP 512, 4 layers; 891,904 parameters) trained on "
+        f"{scaled('1.5e6tok', factor).removesuffix('tok')} tokens of the stdlib text, validation loss "
+        f"{teacher_loss:.4f} at context 256. Nested parent: budgets full / mid (target 0.75) / small "
+        f"(target 0.5), trained by distillation from the teacher for {nested_tokens:,} tokens: stage 1 "
+        "at context 64 with budgets uniform, stage 2 at context 256 (half the batch) with budgets "
+        "0.5 / 0.3 / 0.2 (weighted) or 1/3 each (uniform). One seed.", "",
+        "Validation loss (bytes, context 256) per budget:", "",
+        "| budget | after stage 1 | after stage 2, weighted | after stage 2, uniform | teacher |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for b in budgets:
+        lines.append(
+            f"| {b} | {table['weighted'][b]['stage1']:.4f} | {table['weighted'][b]['stage2']:.4f} | "
+            f"{table['uniform'][b]['stage2']:.4f} | {teacher_loss:.4f} |"
+        )
+    lines += ["", "Zero-shot extraction from the weighted run (`stagetrain extract`):", "",
+              "| budget | sizes (width, heads, MLP, layers) | parameters | fraction of full | target | max abs diff vs masked parent |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for b, report in extracted.items():
+        s = report.sizes
+        lines.append(
+            f"| {b} | {s['width']}, {s['heads']}, {s['ffn']}, {s['layers']} | {report.params:,} | "
+            f"{report.fraction:.3f} | {report.target:.3f} | {report.max_abs_diff:.1e} |"
+        )
+    lines += ["", "Separate distillation (each budget on its own, pruned from the teacher by the same ranking, same schedule, up to 2x the tokens): tokens until its validation loss reaches the nested model's loss for that budget:", "",
+              "| budget | nested loss to reach | tokens needed (separate) |", "|---|---|---|"]  # fmt: skip
+    for b in budgets[1:]:
+        needed = f"{reach[b]:,}" if reach[b] is not None else f"not reached within {cap:,}"
+        lines.append(f"| {b} | {table['weighted'][b]['stage2']:.4f} | {needed} |")
+    lines += [
+        "",
+        f"Token cost, separate / nested: {bound}{separate_total:,} / {nested_tokens:,} = "
+        f"{bound}{ratio:.2f}x (nested training also trains the full budget in the same tokens).",
+        "",
+        "Wall-clock seconds: " + json.dumps({k: round(v, 1) for k, v in seconds.items()}),
+    ]
+    data = {
+        "teacher_val_loss": teacher_loss, "table": table, "nested_tokens": nested_tokens,
+        "extracted": {b: {"sizes": r.sizes, "params": r.params, "fraction": r.fraction,
+                          "target": r.target, "max_abs_diff": r.max_abs_diff} for b, r in extracted.items()},
+        "separate_tokens_to_reach": reach, "separate_cap": cap, "ratio": ratio, "seconds": seconds,
+    }  # fmt: skip
+    write_result("elastic", args.quick, "\n".join(lines), data)
+
+
+if __name__ == "__main__":
+    main()
