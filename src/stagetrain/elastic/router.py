@@ -175,14 +175,19 @@ class BudgetRouter(nn.Module):
                 relaxed[axis] = soft
         return selection
 
-    def cost(self, selection: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Parameters of each budget's chosen configuration, ``(n_budgets,)``."""
-        sizes = {axis: selection[axis] @ getattr(self, f"sizes_{axis}") for axis in AXES}
+    def params_of(self, sizes: dict[str, Any]) -> Any:
+        """Parameters of a configuration ``{axis: size}`` (ints, or tensors per budget)."""
         return param_count(
             vocab=self.arch["vocab"], context=self.arch["context"], width=sizes["width"],
             heads=sizes["heads"], head_dim=self.arch["head_dim"], ffn=sizes["ffn"],
             layers=sizes["depth"],
         )  # fmt: skip
+
+    def cost(self, selection: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Parameters of each budget's chosen configuration, ``(n_budgets,)``."""
+        return self.params_of(
+            {axis: selection[axis] @ getattr(self, f"sizes_{axis}") for axis in AXES}
+        )
 
     def forward(
         self, budget: torch.Tensor, *, training: bool
@@ -213,11 +218,7 @@ class BudgetRouter(nn.Module):
         lines = []
         for budget in self.budgets:
             config = self.configuration(budget.name)
-            params = param_count(
-                vocab=self.arch["vocab"], context=self.arch["context"], width=config["width"],
-                heads=config["heads"], head_dim=self.arch["head_dim"], ffn=config["ffn"],
-                layers=config["depth"],
-            )  # fmt: skip
+            params = self.params_of(config)
             lines.append(
                 f"{budget.name}: {config} -> {params:,} params "
                 f"({params / full:.3f} of full; target {budget.target:.3f})"

@@ -31,6 +31,17 @@ def calibration_batches(
     return [data.get_batch(p)[0] for p in picks]
 
 
+def ranked_teacher(
+    teacher: dict[str, Any], weights: str | None, calibration: dict[str, Any] | None
+) -> ElasticGPT:
+    """The teacher with its trained weights, ranked and permuted (every prefix nested)."""
+    plain = ElasticGPT(**teacher)
+    if weights is not None:
+        plain.load_state_dict(load_weights(weights, field="model.args.weights"))
+    rank_and_permute(plain, calibration_batches(**(calibration or {})))
+    return plain
+
+
 def elastic_parent(
     *,
     teacher: dict[str, Any],
@@ -49,10 +60,7 @@ def elastic_parent(
         budgets, choices, router: as in :class:`ElasticGPT`.
         calibration: arguments of :func:`calibration_batches`.
     """
-    plain = ElasticGPT(**teacher)
-    if weights is not None:
-        plain.load_state_dict(load_weights(weights, field="model.args.weights"))
-    rank_and_permute(plain, calibration_batches(**(calibration or {})))
+    plain = ranked_teacher(teacher, weights, calibration)
     parent = ElasticGPT(**teacher, budgets=budgets, choices=choices, router=router)
     missing, unexpected = parent.load_state_dict(plain.state_dict(), strict=False)
     if unexpected or any(not key.startswith("router.") for key in missing):
@@ -72,10 +80,7 @@ def pruned_teacher(
     own (Minitron-style), the control for training all budgets nested at once."""
     from stagetrain.elastic.extract import slice_model
 
-    plain = ElasticGPT(**teacher)
-    if weights is not None:
-        plain.load_state_dict(load_weights(weights, field="model.args.weights"))
-    rank_and_permute(plain, calibration_batches(**(calibration or {})))
+    plain = ranked_teacher(teacher, weights, calibration)
     missing = {"width", "heads", "ffn", "depth"} - set(sizes)
     if missing:
         raise ConfigError(f"pruned_teacher: sizes needs {sorted(missing)}")
