@@ -4,7 +4,7 @@
     RECIPE: parity | noisy-digits | shapes-sweep | shapes | addition | charlm | all
 
 Each recipe runs its curriculum and controls over seeds (full: 10 seeds for the cheap
-recipes, 5 for shapes and charlm; quick: 2 seeds), then writes
+recipes and shapes, 5 for charlm; quick: 2 seeds), then writes
 benchmarks/results/<recipe>[-quick].md (a table: median and 95 % bootstrap interval
 of the mean over seeds, paired differences with Wilcoxon p-values) and a .json with
 the raw per-seed numbers. Runs live under runs/bench/; a rerun skips finished runs.
@@ -161,7 +161,7 @@ def shapes(quick: bool, jobs: int) -> None:
     base = yaml.safe_load((EXAMPLES / "shapes.yaml").read_text())
     total = 32
     switches = [16] if quick else [4, 8, 16]  # S = 0 is the baseline arm
-    seeds = 2 if quick else 5
+    seeds = 2 if quick else 10
     root = ROOT / "runs" / "bench" / ("shapes-quick" if quick else "shapes")
     root.mkdir(parents=True, exist_ok=True)
     errors: dict[str, list[float | None]] = {}
