@@ -1,6 +1,6 @@
 """Nemotron Elastic in miniature on the stdlib text: nested budgets, two-stage curriculum.
 
-    python benchmarks/elastic.py [--quick] [--jobs 2]
+    python benchmarks/elastic.py [--quick] [--jobs 2] [--seeds 3]
 
 1. trains the teacher (examples/elastic_teacher.yaml) unless runs/bench/elastic/teacher
    holds a finished run;
@@ -16,8 +16,9 @@
    model's validation loss for that budget: the token cost of separate training
    against nested training, as a ratio.
 
-Writes benchmarks/results/elastic[-quick].md and .json. One seed (each run costs
-minutes on 2 CPU cores); the quick version shrinks every budget ~8x.
+Steps 2-4 repeat for each seed (default 3; each run costs minutes on 2 CPU cores).
+Writes benchmarks/results/elastic[-quick].md and .json; the quick version (one seed)
+shrinks every budget ~8x.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -91,37 +93,19 @@ def tokens_to_reach(run_dir: Path, name: str, threshold: float) -> int | None:
     return None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args()
-    factor = 0.125 if args.quick else 1.0
-    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // args.jobs)
-    root = ROOT / "runs" / "bench" / ("elastic-quick" if args.quick else "elastic")
-
-    teacher_cfg = yaml.safe_load((EXAMPLES / "elastic_teacher.yaml").read_text())
-    for stage in teacher_cfg["stages"]:
-        stage["duration"] = scaled(stage["duration"], factor)
-    teacher_dir = root / "teacher"
-    print(f"== teacher -> {teacher_dir}", flush=True)
-    seconds = {"teacher": train(teacher_cfg, teacher_dir)}
-    teacher_loss = loss_at(teacher_dir, "val", 10**12)
-
-    nested = yaml.safe_load((EXAMPLES / "elastic.yaml").read_text())
-    nested["model"]["args"]["weights"] = str(teacher_dir)
-    nested["teacher"]["weights"] = str(teacher_dir)
-    for stage in nested["stages"]:
-        stage["duration"] = scaled(stage["duration"], factor)
-    nested["model"]["args"]["router"]["anneal_forwards"] = max(
-        20, int(nested["model"]["args"]["router"]["anneal_forwards"] * factor)
-    )
+def measure_seed(
+    nested: dict[str, Any], teacher_dir: Path, root: Path, seed: int, jobs: int, factor: float
+) -> dict[str, Any]:
+    """Steps 2-4 of the module docstring for one seed: returns per-budget losses, the
+    extraction reports and the separate-distillation token counts."""
+    nested = dict(yaml.safe_load(yaml.safe_dump(nested)), seed=seed)
     uniform = yaml.safe_load(yaml.safe_dump(nested))
     for source in uniform["stages"][1]["data"]["sources"]:
         source["weight"] = 1
     runs = {"weighted": (nested, root / "weighted"), "uniform": (uniform, root / "uniform")}
-    print(f"== nested parents (stage 2 weighted / uniform) -> {root}", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    print(f"== seed {seed}: nested parents (stage 2 weighted / uniform) -> {root}", flush=True)
+    seconds: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         done = {name: pool.submit(train, cfg, path) for name, (cfg, path) in runs.items()}
         for name, future in done.items():
             seconds[name] = future.result()
@@ -139,14 +123,14 @@ def main() -> None:
         }
     nested_tokens = int(evals(root / "weighted")[-1]["tokens"])
 
-    print("== zero-shot extraction", flush=True)
+    print(f"== seed {seed}: zero-shot extraction", flush=True)
     extracted = {}
     for b in budgets[1:]:
         report = extract_run(root / "weighted", b, root / f"extracted-{b}")
         extracted[b] = report
         print("\n".join("  " + line for line in report.lines()), flush=True)
 
-    print("== separate distillation of each budget from the same teacher", flush=True)
+    print(f"== seed {seed}: separate distillation of each budget from the teacher", flush=True)
     separate_runs = {}
     for b in budgets[1:]:
         sizes = extracted[b].sizes
@@ -171,7 +155,7 @@ def main() -> None:
             stage["loss"] = [{"name": "kl_distill", "weight": 1.0, "args": {"temperature": 1.0}}]
         cfg["stages"][0]["optimizer"].pop("lr_multipliers", None)
         separate_runs[b] = (cfg, root / f"separate-{b}")
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         done = {b: pool.submit(train, cfg, path) for b, (cfg, path) in separate_runs.items()}
         for b, future in done.items():
             seconds[f"separate-{b}"] = future.result()
@@ -181,9 +165,55 @@ def main() -> None:
         reach[b] = tokens_to_reach(path, "val", table["weighted"][b]["stage2"])
     cap = int(evals(separate_runs[budgets[1]][1])[-1]["tokens"])
     separate_total = sum(t if t is not None else cap for t in reach.values())
-    bound = "≥ " if any(t is None for t in reach.values()) else ""
-    ratio = separate_total / nested_tokens
+    return {
+        "seed": seed, "table": table, "nested_tokens": nested_tokens, "extracted": extracted,
+        "reach": reach, "cap": cap, "separate_total": separate_total,
+        "lower_bound": any(t is None for t in reach.values()),
+        "ratio": separate_total / nested_tokens, "seconds": seconds,
+    }  # fmt: skip
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=None, help="default: 3 (quick: 1)")
+    args = parser.parse_args()
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    factor = 0.125 if args.quick else 1.0
+    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // args.jobs)
+    root = ROOT / "runs" / "bench" / ("elastic-quick" if args.quick else "elastic")
+
+    teacher_cfg = yaml.safe_load((EXAMPLES / "elastic_teacher.yaml").read_text())
+    for stage in teacher_cfg["stages"]:
+        stage["duration"] = scaled(stage["duration"], factor)
+    teacher_dir = root / "teacher"
+    print(f"== teacher -> {teacher_dir}", flush=True)
+    seconds = {"teacher": train(teacher_cfg, teacher_dir)}
+    teacher_loss = loss_at(teacher_dir, "val", 10**12)
+
+    nested = yaml.safe_load((EXAMPLES / "elastic.yaml").read_text())
+    nested["model"]["args"]["weights"] = str(teacher_dir)
+    nested["teacher"]["weights"] = str(teacher_dir)
+    for stage in nested["stages"]:
+        stage["duration"] = scaled(stage["duration"], factor)
+    nested["model"]["args"]["router"]["anneal_forwards"] = max(
+        20, int(nested["model"]["args"]["router"]["anneal_forwards"] * factor)
+    )
+    budgets = [b["name"] for b in nested["model"]["args"]["budgets"]]
+    seeds = list(range(args.seeds))
+    results = [measure_seed(nested, teacher_dir, root / f"seed{seed}", seed, args.jobs, factor)
+               for seed in seeds]  # fmt: skip
+    for result in results:
+        seconds.update({f"{k} (seed {result['seed']})": v for k, v in result["seconds"].items()})
+
+    def spread(values: list[float], digits: int = 4) -> str:
+        """Median and the per-seed values (a small number of seeds: show them all)."""
+        shown = ", ".join(f"{v:.{digits}f}" for v in values)
+        return f"{statistics.median(values):.{digits}f} ({shown})" if len(values) > 1 else shown
+
+    nested_tokens = results[0]["nested_tokens"]
     lines = [
         f"### elastic ({'quick' if args.quick else 'full'})", "",
         f"Command: `python benchmarks/elastic.py{' --quick' if args.quick else ''}`. Teacher: "
@@ -192,42 +222,73 @@ def main() -> None:
         f"{teacher_loss:.4f} at context 256. Nested parent: budgets full / mid (target 0.75) / small "
         f"(target 0.5), trained by distillation from the teacher for {nested_tokens:,} tokens: stage 1 "
         "at context 64 with budgets uniform, stage 2 at context 256 (half the batch) with budgets "
-        "0.5 / 0.3 / 0.2 (weighted) or 1/3 each (uniform). One seed.", "",
+        f"0.5 / 0.3 / 0.2 (weighted) or 1/3 each (uniform). Seeds {seeds} (the parent's router "
+        "initialisation, budget draws and data order; the teacher is shared); each cell is the "
+        "median over seeds with the per-seed values in parentheses.", "",
         "Validation loss (bytes, context 256) per budget:", "",
-        "| budget | after stage 1 | after stage 2, weighted | after stage 2, uniform | teacher |",
-        "|---|---|---|---|---|",
+        "| budget | after stage 1 | after stage 2, weighted | after stage 2, uniform | uniform − weighted | teacher |",
+        "|---|---|---|---|---|---|",
     ]  # fmt: skip
+
+    def per_seed(arm: str, b: str, when: str) -> list[float]:
+        return [r["table"][arm][b][when] for r in results]
+
     for b in budgets:
+        gap = [
+            u - w
+            for u, w in zip(
+                per_seed("uniform", b, "stage2"), per_seed("weighted", b, "stage2"), strict=True
+            )
+        ]
         lines.append(
-            f"| {b} | {table['weighted'][b]['stage1']:.4f} | {table['weighted'][b]['stage2']:.4f} | "
-            f"{table['uniform'][b]['stage2']:.4f} | {teacher_loss:.4f} |"
-        )
-    lines += ["", "Zero-shot extraction from the weighted run (`stagetrain extract`):", "",
-              "| budget | sizes (width, heads, MLP, layers) | parameters | fraction of full | target | max abs diff vs masked parent |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for b, report in extracted.items():
-        s = report.sizes
-        lines.append(
-            f"| {b} | {s['width']}, {s['heads']}, {s['ffn']}, {s['layers']} | {report.params:,} | "
-            f"{report.fraction:.3f} | {report.target:.3f} | {report.max_abs_diff:.1e} |"
-        )
-    lines += ["", "Separate distillation (each budget on its own, pruned from the teacher by the same ranking, same schedule, up to 2x the tokens): tokens until its validation loss reaches the nested model's loss for that budget:", "",
-              "| budget | nested loss to reach | tokens needed (separate) |", "|---|---|---|"]  # fmt: skip
-    for b in budgets[1:]:
-        needed = f"{reach[b]:,}" if reach[b] is not None else f"not reached within {cap:,}"
-        lines.append(f"| {b} | {table['weighted'][b]['stage2']:.4f} | {needed} |")
+            f"| {b} | {spread(per_seed('weighted', b, 'stage1'))} | "
+            f"{spread(per_seed('weighted', b, 'stage2'))} | {spread(per_seed('uniform', b, 'stage2'))} | "
+            f"{spread(gap)} | {teacher_loss:.4f} |"
+        )  # fmt: skip
+    lines += ["", "Zero-shot extraction from each seed's weighted run (`stagetrain extract`):", "",
+              "| seed | budget | sizes (width, heads, MLP, layers) | parameters | fraction of full | target | off target | max abs diff vs masked parent |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for result in results:
+        for b, report in result["extracted"].items():
+            z = report.sizes
+            lines.append(
+                f"| {result['seed']} | {b} | {z['width']}, {z['heads']}, {z['ffn']}, {z['layers']} | "
+                f"{report.params:,} | {report.fraction:.3f} | {report.target:.3f} | "
+                f"{report.fraction / report.target - 1:+.1%} | {report.max_abs_diff:.1e} |"
+            )
+    lines += ["", "Separate distillation (each budget on its own, pruned from the teacher by the same ranking to the sizes that seed's router chose, same schedule, up to 2x the tokens): tokens until its validation loss reaches the nested model's loss for that budget:", "",
+              "| seed | budget | nested loss to reach | tokens needed (separate) |", "|---|---|---|---|"]  # fmt: skip
+    for result in results:
+        for b in budgets[1:]:
+            reached = result["reach"][b]
+            needed = (
+                f"{reached:,}" if reached is not None else f"not reached within {result['cap']:,}"
+            )
+            lines.append(
+                f"| {result['seed']} | {b} | {result['table']['weighted'][b]['stage2']:.4f} | {needed} |"
+            )
+    ratios = [r["ratio"] for r in results]
+    bound = "≥ " if any(r["lower_bound"] for r in results) else ""
     lines += [
         "",
-        f"Token cost, separate / nested: {bound}{separate_total:,} / {nested_tokens:,} = "
-        f"{bound}{ratio:.2f}x (nested training also trains the full budget in the same tokens).",
+        f"Token cost, separate (mid + small) / nested: {bound}{spread(ratios, 2)} x, from "
+        + "; ".join(f"seed {r['seed']}: {r['separate_total']:,} / {r['nested_tokens']:,}" for r in results)
+        + " (nested training also trains the full budget in the same tokens; a budget that never "
+        "reached the nested loss counts at the cap, so the ratio is then a lower bound).",
         "",
         "Wall-clock seconds: " + json.dumps({k: round(v, 1) for k, v in seconds.items()}),
-    ]
+    ]  # fmt: skip
     data = {
-        "teacher_val_loss": teacher_loss, "table": table, "nested_tokens": nested_tokens,
-        "extracted": {b: {"sizes": r.sizes, "params": r.params, "fraction": r.fraction,
-                          "target": r.target, "max_abs_diff": r.max_abs_diff} for b, r in extracted.items()},
-        "separate_tokens_to_reach": reach, "separate_cap": cap, "ratio": ratio, "seconds": seconds,
+        "teacher_val_loss": teacher_loss, "seeds": seeds,
+        "per_seed": [
+            {"seed": r["seed"], "table": r["table"], "nested_tokens": r["nested_tokens"],
+             "extracted": {b: {"sizes": e.sizes, "params": e.params, "fraction": e.fraction,
+                               "target": e.target, "max_abs_diff": e.max_abs_diff}
+                           for b, e in r["extracted"].items()},
+             "separate_tokens_to_reach": r["reach"], "separate_cap": r["cap"], "ratio": r["ratio"]}
+            for r in results
+        ],
+        "seconds": seconds,
     }  # fmt: skip
     write_result("elastic", args.quick, "\n".join(lines), data)
 

@@ -88,8 +88,50 @@ def test_small_is_nested_in_mid_is_nested_in_full(seed: int) -> None:
                 assert torch.all(full[axis] == 1), axis  # target 1.0 is the whole parent
 
 
-def test_router_gives_a_valid_configuration_and_learns_the_targets() -> None:
-    model = parent(0, anneal_forwards=300)
+def test_router_loss_is_the_expected_error_of_its_samples() -> None:
+    """The exact sum over the grid equals a Monte-Carlo average over sampled choices
+    (each capped by the larger budgets' most likely choices, as the loss promises)."""
+    model = parent(3)
+    assert model.router is not None
+    router = model.router
+    with torch.no_grad():
+        for net in router.nets.values():  # spread the distributions away from uniform
+            net[2].weight.normal_(0, 1.0)
+        exact = router.expected_error()
+        mode = router.select(training=False)
+        generator = torch.Generator().manual_seed(0)
+        draws = 20_000
+        sizes = {}
+        for axis in CHOICES:
+            probs = torch.softmax(router.logits(axis), -1)
+            index = torch.multinomial(probs, draws, replacement=True, generator=generator)
+            cap = torch.tensor([len(CHOICES[axis]) - 1,  # full: nothing larger
+                                int(mode[axis][0].argmax()),  # mid: capped by full
+                                int(mode[axis][1].argmax())])[:, None]  # small: by mid  # fmt: skip
+            sizes[axis] = torch.tensor(CHOICES[axis])[torch.minimum(index, cap)]
+        params = router.params_of({axis: sizes[axis].float() for axis in CHOICES})
+        targets = torch.tensor([b["target"] for b in BUDGETS])[:, None]
+        sampled = (params / (targets * param_count(**ARCH)) - 1).abs().mean(-1)
+    assert exact[0] == 0  # the parent is pinned to its full size
+    assert exact[1:].min() > 0.01  # far from converged, so the comparison means something
+    assert torch.allclose(exact[1:], sampled[1:], atol=0.01), (exact, sampled)
+
+
+def test_entropy_bonus_fades_out_over_the_anneal() -> None:
+    model = parent(0, anneal_forwards=10, entropy=0.5)
+    assert model.router is not None
+    router = model.router
+    budgets = torch.arange(3)
+    _, early = router(budgets, training=True)
+    assert early < router.expected_error().mean() - 0.1  # the bonus lowers the loss early
+    router.forwards.fill_(10)
+    _, late = router(budgets, training=True)
+    assert torch.allclose(late, router.expected_error().mean())  # and is gone after it
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_router_gives_a_valid_configuration_and_learns_the_targets(seed: int) -> None:
+    model = parent(seed, anneal_forwards=300)
     assert model.router is not None
     router = model.router
     for budget in BUDGETS:
@@ -99,9 +141,9 @@ def test_router_gives_a_valid_configuration_and_learns_the_targets() -> None:
         for axis, onehot in selection.items():
             assert torch.equal(onehot.sum(-1), torch.ones(3)), axis
             assert set(onehot.unique().tolist()) <= {0.0, 1.0}
-    # Trained on its cost term alone, the router moves every budget near its target. On
-    # this coarse 3x3x3x3 grid it can settle on a neighbour of the best configuration
-    # (up to ~15 % off in a sweep of seeds; within 5 % on most), hence the tolerance.
+    # Trained on its cost term alone, the router brings every budget within 5 % of its
+    # target, the tolerance extraction promises (16 of 16 seeds in a sweep; the best
+    # nested configurations on this grid are within 1 %).
     optimizer = torch.optim.Adam(router.parameters(), lr=1e-2)
     budgets = torch.arange(3).repeat(8)
     for _ in range(400):
@@ -113,7 +155,7 @@ def test_router_gives_a_valid_configuration_and_learns_the_targets() -> None:
         config = router.configuration(budget["name"])
         params = param_count(**dict(ARCH, width=config["width"], heads=config["heads"],
                                     ffn=config["ffn"], layers=config["depth"]))  # fmt: skip
-        assert abs(params / param_count(**ARCH) / budget["target"] - 1) < 0.15, (budget, config)
+        assert abs(params / param_count(**ARCH) / budget["target"] - 1) < 0.05, (budget, config)
 
 
 def test_extraction_equals_the_masked_forward_pass() -> None:
@@ -136,6 +178,13 @@ def test_bad_router_settings_are_named() -> None:
         ElasticGPT(**ARCH, budgets=BUDGETS, choices=dict(CHOICES, ffn=[32, 48]))
     with pytest.raises(ValueError, match="budgets: names must be unique"):
         ElasticGPT(**ARCH, budgets=[*BUDGETS, BUDGETS[0]], choices=CHOICES)
+    with pytest.raises(ValueError, match=r"router\.entropy: must be >= 0"):
+        ElasticGPT(**ARCH, budgets=BUDGETS, choices=CHOICES, router={"entropy": -0.1})
+    every_size = {"width": range(1, 65), "heads": range(1, 5), "ffn": range(1, 129),
+                  "depth": range(1, 4)}  # fmt: skip
+    with pytest.raises(ValueError, match="98,304 configurations in the grid; at most 65,536"):
+        ElasticGPT(**dict(ARCH, width=64, ffn=128), budgets=BUDGETS,
+                   choices={axis: list(sizes) for axis, sizes in every_size.items()})  # fmt: skip
 
 
 def source(name: str, budget: int, weight: float, split: str = "train") -> dict[str, Any]:

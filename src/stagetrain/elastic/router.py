@@ -6,10 +6,16 @@ Gumbel-softmax while training (argmax in evaluation): the forward pass uses an e
 one-hot choice, the gradient is that of the relaxed sample. The temperature anneals
 geometrically from ``tau[0]`` to ``tau[1]`` and the logit scale linearly from
 ``scale[0]`` to ``scale[1]`` over ``anneal_forwards`` training forward passes (counted in
-a buffer, so a resumed run continues the annealing exactly). The router loss is
-``|params / target - 1|`` with the parameter count of the relaxed sample (exact for the
-one-hot choice as the temperature falls; the count is a sum of products of distinct
-axes' sizes, so it is smooth in every router's probabilities).
+a buffer, so a resumed run continues the annealing exactly). The router loss is the
+exact expectation of ``|params / target - 1|`` over the router's sampling distribution
+(the Gumbel-max sample of ``softmax(scale * logits)`` follows that distribution whatever
+the temperature), summed over every configuration of the grid. An earlier version took
+the cost of the relaxed Gumbel sample instead: its gradient is one noisy draw, and in a
+sweep of seeds it settled on a neighbour of the best configuration about half the time
+(up to 15 % off the target); the exact expectation is noise-free and cheap, since the
+grid is small (``MAX_GRID`` configurations at most). While the anneal runs, an entropy
+bonus (weight ``entropy``, falling linearly to zero) keeps the choices open, so a budget
+does not lock early onto a configuration that misses its target.
 
 Nesting is enforced, not hoped for: with budgets ordered by target, each axis's choice
 of a budget is capped at the choice of every larger budget (a running minimum), so the
@@ -26,6 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 AXES = ("width", "heads", "ffn", "depth")
+# The router loss enumerates every configuration of the grid; beyond this many the
+# exact expectation would cost more than the forward pass it steers.
+MAX_GRID = 65_536
 
 
 class BudgetSpec(BaseModel):
@@ -61,6 +70,7 @@ class BudgetRouter(nn.Module):
 
     order: torch.Tensor
     targets: torch.Tensor
+    grid_index: torch.Tensor
     forwards: torch.Tensor
     is_full: torch.Tensor
 
@@ -75,6 +85,7 @@ class BudgetRouter(nn.Module):
         anneal_forwards: int = 1000,
         tau: tuple[float, float] = (1.0, 0.05),
         scale: tuple[float, float] = (1.0, 10.0),
+        entropy: float = 0.05,
     ) -> None:
         super().__init__()
         if not budgets:
@@ -92,13 +103,24 @@ class BudgetRouter(nn.Module):
                 raise ValueError(
                     f"choices.{axis}: the largest choice must be the full size {full[axis]}"
                 )
+        grid = 1
+        for axis in AXES:
+            grid *= len(choices[axis])
+        if grid > MAX_GRID:
+            raise ValueError(
+                f"choices: {grid:,} configurations in the grid; at most {MAX_GRID:,} are "
+                "supported (the router loss sums over all of them): offer fewer sizes per axis"
+            )
         if anneal_forwards < 1 or min(tau) <= 0 or min(scale) <= 0:
             raise ValueError("router: anneal_forwards, tau and scale must be positive")
+        if entropy < 0:
+            raise ValueError(f"router.entropy: must be >= 0, got {entropy}")
         self.budgets = list(budgets)
         self.choices = {axis: list(choices[axis]) for axis in AXES}
         self.arch = dict(arch)
         self.anneal_forwards = anneal_forwards
         self.tau, self.scale = tuple(tau), tuple(scale)
+        self.entropy = entropy
         self.nets = nn.ModuleDict(
             {
                 axis: nn.Sequential(
@@ -115,6 +137,10 @@ class BudgetRouter(nn.Module):
         self.register_buffer("targets", torch.tensor([b.target for b in budgets]))
         for axis in AXES:
             self.register_buffer(f"sizes_{axis}", torch.tensor(self.choices[axis]).float())
+        # Every configuration of the grid as choice indices, one row per axis: (4, grid).
+        ranges = [torch.arange(len(self.choices[axis])) for axis in AXES]
+        grid_index = torch.stack([g.flatten() for g in torch.meshgrid(*ranges, indexing="ij")])
+        self.register_buffer("grid_index", grid_index, persistent=False)
         self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
         self.register_buffer("is_full", self.targets >= 1.0)
 
@@ -142,20 +168,22 @@ class BudgetRouter(nn.Module):
             positions = torch.arange(int(sizes[-1]), device=sizes.device).float()
         return (positions[None, :] < sizes[:, None]).float()
 
-    def select(
-        self, training: bool, *, relaxed: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
+    def logits(self, axis: str) -> torch.Tensor:
+        """``(n_budgets, n_choices)`` scaled logits of one axis (the sampling distribution
+        is their softmax)."""
+        eye = torch.eye(len(self.budgets), device=self.targets.device)
+        return self.nets[axis](eye) * self.annealing()[1]
+
+    def select(self, training: bool) -> dict[str, torch.Tensor]:
         """One-hot choices ``{axis: (n_budgets, n_choices)}`` for every budget, nested.
 
         The forward value is exactly one-hot; the gradient is that of the budget's own
         (Gumbel-)softmax sample (straight-through), also when its choice was capped.
-        ``relaxed``, when given, receives those soft samples (for the cost term).
         """
-        eye = torch.eye(len(self.budgets), device=self.targets.device)
-        tau, scale = self.annealing()
+        tau, _ = self.annealing()
         selection = {}
         for axis in AXES:
-            logits = self.nets[axis](eye) * scale
+            logits = self.logits(axis)
             if training:
                 gumbel = -torch.empty_like(logits).exponential_().log()
                 soft = torch.softmax((logits + gumbel) / tau, dim=-1)
@@ -171,8 +199,6 @@ class BudgetRouter(nn.Module):
             )
             hard = F.one_hot(capped, len(self.choices[axis])).to(soft.dtype)
             selection[axis] = hard + (soft - soft.detach())  # exactly one-hot forward
-            if relaxed is not None:
-                relaxed[axis] = soft
         return selection
 
     def params_of(self, sizes: dict[str, Any]) -> Any:
@@ -183,11 +209,50 @@ class BudgetRouter(nn.Module):
             layers=sizes["depth"],
         )  # fmt: skip
 
-    def cost(self, selection: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Parameters of each budget's chosen configuration, ``(n_budgets,)``."""
-        return self.params_of(
-            {axis: selection[axis] @ getattr(self, f"sizes_{axis}") for axis in AXES}
-        )
+    def expected_error(self) -> torch.Tensor:
+        """``E |params / target - 1|`` per budget, ``(n_budgets,)``, exactly over the grid.
+
+        Each budget's configurations are costed as they would be used: capped by the
+        most likely choices of the larger budgets (held fixed for the gradient), so a
+        smaller budget learns the best configuration nested in theirs.
+        """
+        with torch.no_grad():
+            mode = self.select(training=False)
+        # The cap of each budget is the choice of the next larger one (a running minimum
+        # already); the largest budget is capped by nothing.
+        previous = self.order.clone()
+        previous[self.order[1:]] = self.order[:-1]
+        probability = torch.ones(len(self.budgets), self.grid_index.shape[1],
+                                 device=self.targets.device)  # fmt: skip
+        sizes = {}
+        for position, axis in enumerate(AXES):
+            chosen = mode[axis].argmax(-1)
+            cap = torch.where(
+                torch.arange(len(self.budgets), device=chosen.device) == self.order[0],
+                len(self.choices[axis]) - 1,
+                chosen[previous],
+            )
+            index = self.grid_index[position]  # (grid,)
+            probability = probability * torch.softmax(self.logits(axis), -1)[:, index]
+            sizes[axis] = getattr(self, f"sizes_{axis}")[torch.minimum(index, cap[:, None])]
+        full = param_count(**self.arch)
+        error = (self.params_of(sizes) / (self.targets[:, None] * full) - 1).abs()
+        # The parent (target 1.0) is pinned to its full size: nothing to learn there.
+        return torch.where(self.is_full, 0.0, (probability * error).sum(-1))
+
+    def entropy_bonus(self) -> torch.Tensor:
+        """``entropy * (1 - progress) * H`` per budget, ``H`` the summed entropy of its
+        axes' distributions; zero for the parent (it has nothing to choose) and from the
+        end of the anneal on. Deterministic annealing: while the weight is high the
+        choices stay open, so a budget does not commit early to a configuration that
+        no single-axis change can improve but that misses its target (with the exact
+        expectation alone, 3 of 16 seeds did so on a 5x4x4x4 grid; none with this)."""
+        progress = (self.forwards.float() / self.anneal_forwards).clamp(max=1.0)
+        total = torch.zeros(len(self.budgets), device=self.targets.device)
+        for axis in AXES:
+            log_p = torch.log_softmax(self.logits(axis), -1)
+            total = total - (log_p.exp() * log_p).sum(-1)
+        return torch.where(self.is_full, 0.0, self.entropy * (1 - progress) * total)
 
     def forward(
         self, budget: torch.Tensor, *, training: bool
@@ -195,12 +260,10 @@ class BudgetRouter(nn.Module):
         """Per-sample one-hot choices for ``budget`` (``(B,)`` indices) and the router loss."""
         if training:
             self.forwards += 1
-        relaxed: dict[str, torch.Tensor] = {}
-        selection = self.select(training, relaxed=relaxed)
-        full = param_count(**self.arch)
-        # The cost of the relaxed sample: smooth in the router's logits, and equal to the
-        # chosen configuration's cost as the temperature anneals toward zero.
-        per_budget = (self.cost(relaxed) / (self.targets * full) - 1).abs()
+        selection = self.select(training)
+        per_budget = self.expected_error()
+        if self.entropy > 0 and training:
+            per_budget = per_budget - self.entropy_bonus()
         return {axis: sel[budget] for axis, sel in selection.items()}, per_budget[budget].mean()
 
     @torch.no_grad()
