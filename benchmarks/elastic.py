@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,13 +55,18 @@ THREADS = {"per_run": 1}
 
 
 def train(config: dict[str, Any], run_dir: Path) -> float:
-    """Run a config (skipping a finished run); returns its wall-clock seconds."""
+    """Run a config (skipping a finished run of the same config); returns its wall-clock
+    seconds."""
     summary = run_dir / "summary.json"
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    if path.exists() and path.read_text() != text:
+        # The config changed since that run: it measures something else, start over.
+        shutil.rmtree(run_dir, ignore_errors=True)
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         return float(json.loads(summary.read_text())["state"]["elapsed_s"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(text)
     start = time.perf_counter()
     command = [*STAGETRAIN, "run", str(path), "--run-dir", str(run_dir), "--no-progress"]
     if (run_dir / "checkpoints" / "manifest.json").exists():

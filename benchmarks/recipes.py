@@ -1,6 +1,6 @@
 """Reproduce the published curricula with the built-in recipes, through `stagetrain compare`.
 
-    python benchmarks/recipes.py RECIPE [--quick] [--jobs 2]
+    python benchmarks/recipes.py RECIPE [--quick] [--jobs 2] [--shapes-epochs 32]
     RECIPE: parity | noisy-digits | shapes-sweep | shapes | addition | charlm | all
 
 Each recipe runs its curriculum and controls over seeds (full: 10 seeds for the cheap
@@ -156,42 +156,51 @@ def paired_rows(
     return rows
 
 
-def shapes(quick: bool, jobs: int) -> None:
-    """Switch-epoch sweep (budget 32 epochs = the paper's 256 scaled by 1/8) plus controls."""
+PAPER_EPOCHS = 256
+PAPER_SWITCHES = [2, 4, 8, 16, 32, 64, 128]  # S = 0 is the baseline arm
+
+
+def shapes(quick: bool, jobs: int, epochs: int = 32) -> None:
+    """Switch-epoch sweep plus controls. The paper's budget (256 epochs) and switch epochs
+    are scaled by ``epochs / 256`` (default 32: 1/8; ``--shapes-epochs 256`` runs the
+    paper's own). The controls run beside the largest S (half the budget)."""
     base = yaml.safe_load((EXAMPLES / "shapes.yaml").read_text())
-    total = 32
-    switches = [16] if quick else [4, 8, 16]  # S = 0 is the baseline arm
+    total = epochs
+    scaled_switches = [s * epochs / PAPER_EPOCHS for s in PAPER_SWITCHES]
+    switches = scaled_switches[-1:] if quick else scaled_switches
     seeds = 2 if quick else 10
-    root = ROOT / "runs" / "bench" / ("shapes-quick" if quick else "shapes")
+    name = "shapes" if epochs == 32 else f"shapes-{epochs}ep"
+    root = ROOT / "runs" / "bench" / (f"{name}-quick" if quick else name)
     root.mkdir(parents=True, exist_ok=True)
     errors: dict[str, list[float | None]] = {}
     for s in switches:
-        config = dict(base, name=f"shapes-S{s}")
+        config = dict(base, name=f"shapes-S{s:g}")
         config["stages"] = [
-            dict(base["stages"][0], duration=f"{s}ep"),
-            dict(base["stages"][1], duration=f"{total - s}ep"),
+            dict(base["stages"][0], duration=f"{s:g}ep"),
+            dict(base["stages"][1], duration=f"{total - s:g}ep"),
         ]
-        path = root / f"shapes-S{s}.yaml"
+        path = root / f"shapes-S{s:g}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        arms = ["curriculum"] if s != 16 else ["curriculum", "baseline", "union", "easy-only"]
-        out = root / f"S{s}"
+        last = s == switches[-1]
+        arms = ["curriculum", "baseline", "union", "easy-only"] if last else ["curriculum"]
+        out = root / f"S{s:g}"
         analysis = run_compare(
             path, out, arms=arms, seeds=seeds, jobs=jobs, metric="valid.accuracy"
         )
         for arm in arms:
             label = {
-                "curriculum": f"S={s}",
+                "curriculum": f"S={s:g}",
                 "baseline": "S=0 (Geom only)",
                 "union": "union",
                 "easy-only": "Basic only",
             }[arm]
             errors[label] = [_early_stopped_test_error(out, arm, seed) for seed in analysis.seeds]
     lines = [f"### shapes ({'quick' if quick else 'full'})", "",
-             f"Command: `python benchmarks/recipes.py shapes{' --quick' if quick else ''}`. Budget {total} epochs (the paper's 256 / 8); switch epoch S scaled alike; test error on GeomShapes test at the epoch of best GeomShapes validation accuracy (early stopping); {seeds} seeds.", "",
+             f"Command: `python benchmarks/recipes.py shapes{' --quick' if quick else ''}{f' --shapes-epochs {epochs}' if epochs != 32 else ''}`. Budget {total} epochs (the paper's 256 × {epochs}/256); switch epochs S = the paper's {{2, 4, ..., 128}} scaled alike; test error on GeomShapes test at the epoch of best GeomShapes validation accuracy (early stopping); {seeds} seeds.", "",
              "| arm | test error median [IQR] | mean [95% CI] | Δ vs S=0 [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
-    order = ["S=0 (Geom only)"] + [f"S={s}" for s in switches] + ["union", "Basic only"]
+    order = ["S=0 (Geom only)"] + [f"S={s:g}" for s in switches] + ["union", "Basic only"]
     lines += paired_rows(errors, order, "S=0 (Geom only)", higher_is_better=False)
-    write_result("shapes", quick, "\n".join(lines), {"test_error": errors})
+    write_result(name, quick, "\n".join(lines), {"test_error": errors})
 
 
 def shapes_sweep(quick: bool, jobs: int) -> None:
@@ -326,10 +335,19 @@ def main() -> None:
     parser.add_argument("recipe", choices=[*RECIPES, "all"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--shapes-epochs",
+        type=int,
+        default=32,
+        help="shapes: total epochs (the paper's 256 scaled down; default 32 = 1/8)",
+    )
     args = parser.parse_args()
     for name, fn in RECIPES.items():
         if args.recipe in (name, "all"):
-            fn(args.quick, args.jobs)
+            if name == "shapes":
+                shapes(args.quick, args.jobs, epochs=args.shapes_epochs)
+            else:
+                fn(args.quick, args.jobs)
 
 
 if __name__ == "__main__":

@@ -329,9 +329,13 @@ def test_extract_command_writes_a_standalone_model(
     code = main(
         ["extract", str(tmp_path / "run"), "--budget", "small", "--out", str(tmp_path / "small")]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out
     assert "max |extracted - masked parent|" in out and "budget 'small'" in out
+    # Two steps do not train the router: it warns exactly when small misses by > 5 %.
+    fraction = float(out.split(" = ")[1].split(" of the full")[0])
+    assert ("off its parameter target" in captured.err) == (abs(fraction / 0.5 - 1) > 0.05)
     spec = json.loads((tmp_path / "small" / "model.json").read_text())
     child = build_model(ModelConfig(**spec), seed=0).eval()
     assert isinstance(model, ElasticGPT)

@@ -83,12 +83,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# A router that has converged lands a budget within this of its parameter target.
+OFF_TARGET_WARNING = 0.05
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from stagetrain.elastic.extract import extract_run
 
     report = extract_run(args.run_dir, args.budget, args.out, check_batches=args.check_batches)
     for line in report.lines():
         print(line)
+    if abs(report.off_target) > OFF_TARGET_WARNING:
+        print(
+            f"stagetrain: warning: {args.budget!r} is {report.off_target:+.1%} off its parameter "
+            f"target (more than {OFF_TARGET_WARNING:.0%}): train the router longer or give its "
+            "loss more weight",
+            file=sys.stderr,
+        )
     if report.max_abs_diff >= 1e-4:
         print("stagetrain: error: the extracted model does not match the parent", file=sys.stderr)
         return 1

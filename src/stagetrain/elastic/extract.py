@@ -99,12 +99,17 @@ class ExtractionReport:
     def fraction(self) -> float:
         return self.params / self.full_params
 
+    @property
+    def off_target(self) -> float:
+        """Relative miss of the parameter count: ``fraction / target - 1``."""
+        return self.fraction / self.target - 1
+
     def lines(self) -> list[str]:
         return [
             f"budget {self.budget!r}: width {self.sizes['width']}, heads {self.sizes['heads']}, "
             f"ffn {self.sizes['ffn']}, layers {self.sizes['layers']}",
             f"parameters {self.params:,} = {self.fraction:.3f} of the full {self.full_params:,} "
-            f"(target {self.target:.3f}; {self.fraction / self.target - 1:+.1%} off)",
+            f"(target {self.target:.3f}; {self.off_target:+.1%} off)",
             f"max |extracted - masked parent| on check batches: {self.max_abs_diff:.2e}",
             f"wrote {self.weights} and {self.weights.with_name('model.json')}",
         ]
