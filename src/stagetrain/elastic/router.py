@@ -174,21 +174,28 @@ class BudgetRouter(nn.Module):
         eye = torch.eye(len(self.budgets), device=self.targets.device)
         return self.nets[axis](eye) * self.annealing()[1]
 
-    def select(self, training: bool) -> dict[str, torch.Tensor]:
+    def all_logits(self) -> dict[str, torch.Tensor]:
+        """:meth:`logits` of every axis (computed once per forward pass and shared)."""
+        return {axis: self.logits(axis) for axis in AXES}
+
+    def select(
+        self, training: bool, logits: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """One-hot choices ``{axis: (n_budgets, n_choices)}`` for every budget, nested.
 
         The forward value is exactly one-hot; the gradient is that of the budget's own
         (Gumbel-)softmax sample (straight-through), also when its choice was capped.
         """
         tau, _ = self.annealing()
+        logits = self.all_logits() if logits is None else logits
         selection = {}
         for axis in AXES:
-            logits = self.logits(axis)
+            scores = logits[axis]
             if training:
-                gumbel = -torch.empty_like(logits).exponential_().log()
-                soft = torch.softmax((logits + gumbel) / tau, dim=-1)
+                gumbel = -torch.empty_like(scores).exponential_().log()
+                soft = torch.softmax((scores + gumbel) / tau, dim=-1)
             else:
-                soft = torch.softmax(logits / tau, dim=-1)
+                soft = torch.softmax(scores / tau, dim=-1)
             index = soft.argmax(-1)
             # A budget of target 1.0 is the parent itself: every axis at its full size.
             index = torch.where(self.is_full, len(self.choices[axis]) - 1, index)
@@ -209,15 +216,16 @@ class BudgetRouter(nn.Module):
             layers=sizes["depth"],
         )  # fmt: skip
 
-    def expected_error(self) -> torch.Tensor:
+    def expected_error(self, logits: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``E |params / target - 1|`` per budget, ``(n_budgets,)``, exactly over the grid.
 
         Each budget's configurations are costed as they would be used: capped by the
         most likely choices of the larger budgets (held fixed for the gradient), so a
         smaller budget learns the best configuration nested in theirs.
         """
+        logits = self.all_logits() if logits is None else logits
         with torch.no_grad():
-            mode = self.select(training=False)
+            mode = self.select(training=False, logits=logits)
         # The cap of each budget is the choice of the next larger one (a running minimum
         # already); the largest budget is capped by nothing.
         previous = self.order.clone()
@@ -233,14 +241,14 @@ class BudgetRouter(nn.Module):
                 chosen[previous],
             )
             index = self.grid_index[position]  # (grid,)
-            probability = probability * torch.softmax(self.logits(axis), -1)[:, index]
+            probability = probability * torch.softmax(logits[axis], -1)[:, index]
             sizes[axis] = getattr(self, f"sizes_{axis}")[torch.minimum(index, cap[:, None])]
         full = param_count(**self.arch)
         error = (self.params_of(sizes) / (self.targets[:, None] * full) - 1).abs()
         # The parent (target 1.0) is pinned to its full size: nothing to learn there.
         return torch.where(self.is_full, 0.0, (probability * error).sum(-1))
 
-    def entropy_bonus(self) -> torch.Tensor:
+    def entropy_bonus(self, logits: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``entropy * (1 - progress) * H`` per budget, ``H`` the summed entropy of its
         axes' distributions; zero for the parent (it has nothing to choose) and from the
         end of the anneal on. Deterministic annealing: while the weight is high the
@@ -248,9 +256,10 @@ class BudgetRouter(nn.Module):
         no single-axis change can improve but that misses its target (with the exact
         expectation alone, 3 of 16 seeds did so on a 5x4x4x4 grid; none with this)."""
         progress = (self.forwards.float() / self.anneal_forwards).clamp(max=1.0)
+        logits = self.all_logits() if logits is None else logits
         total = torch.zeros(len(self.budgets), device=self.targets.device)
         for axis in AXES:
-            log_p = torch.log_softmax(self.logits(axis), -1)
+            log_p = torch.log_softmax(logits[axis], -1)
             total = total - (log_p.exp() * log_p).sum(-1)
         return torch.where(self.is_full, 0.0, self.entropy * (1 - progress) * total)
 
@@ -260,10 +269,11 @@ class BudgetRouter(nn.Module):
         """Per-sample one-hot choices for ``budget`` (``(B,)`` indices) and the router loss."""
         if training:
             self.forwards += 1
-        selection = self.select(training)
-        per_budget = self.expected_error()
+        logits = self.all_logits()  # once: the sample, the cost and the bonus share them
+        selection = self.select(training, logits)
+        per_budget = self.expected_error(logits)
         if self.entropy > 0 and training:
-            per_budget = per_budget - self.entropy_bonus()
+            per_budget = per_budget - self.entropy_bonus(logits)
         return {axis: sel[budget] for axis, sel in selection.items()}, per_budget[budget].mean()
 
     @torch.no_grad()
