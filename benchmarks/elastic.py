@@ -51,10 +51,13 @@ def scaled(duration: str, factor: float) -> str:
     return f"{int(number * factor)}tok"
 
 
-THREADS = {"per_run": 1}
+def threads_per_run(jobs: int) -> int:
+    """One share of the cores per concurrent run: oversubscribed OpenMP threads slow
+    every run several-fold."""
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def train(config: dict[str, Any], run_dir: Path) -> float:
+def train(config: dict[str, Any], run_dir: Path, threads: int) -> float:
     """Run a config (skipping a finished run of the same config); returns its wall-clock
     seconds."""
     summary = run_dir / "summary.json"
@@ -72,8 +75,7 @@ def train(config: dict[str, Any], run_dir: Path) -> float:
     if (run_dir / "checkpoints" / "manifest.json").exists():
         command.append("--resume")
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        # One process per core: oversubscribed OpenMP threads slow every run several-fold.
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS["per_run"])}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     return time.perf_counter() - start
 
@@ -112,7 +114,10 @@ def measure_seed(
     print(f"== seed {seed}: nested parents (stage 2 weighted / uniform) -> {root}", flush=True)
     seconds: dict[str, float] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = {name: pool.submit(train, cfg, path) for name, (cfg, path) in runs.items()}
+        done = {
+            name: pool.submit(train, cfg, path, threads_per_run(jobs))
+            for name, (cfg, path) in runs.items()
+        }
         for name, future in done.items():
             seconds[name] = future.result()
 
@@ -168,7 +173,10 @@ def measure_seed(
             cfg["stages"][0]["optimizer"].pop("lr_multipliers", None)
             separate_runs[f"{b}{suffix}"] = (cfg, root / f"separate-{b}{suffix}")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = {k: pool.submit(train, cfg, path) for k, (cfg, path) in separate_runs.items()}
+        done = {
+            k: pool.submit(train, cfg, path, threads_per_run(jobs))
+            for k, (cfg, path) in separate_runs.items()
+        }
         for k, future in done.items():
             seconds[f"separate-{k}"] = future.result()
 
@@ -203,7 +211,6 @@ def main() -> None:
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
     factor = 0.125 if args.quick else 1.0
-    THREADS["per_run"] = max(1, (os.cpu_count() or 1) // args.jobs)
     root = ROOT / "runs" / "bench" / ("elastic-quick" if args.quick else "elastic")
 
     teacher_cfg = yaml.safe_load((EXAMPLES / "elastic_teacher.yaml").read_text())
@@ -211,7 +218,7 @@ def main() -> None:
         stage["duration"] = scaled(stage["duration"], factor)
     teacher_dir = root / "teacher"
     print(f"== teacher -> {teacher_dir}", flush=True)
-    seconds = {"teacher": train(teacher_cfg, teacher_dir)}
+    seconds = {"teacher": train(teacher_cfg, teacher_dir, threads_per_run(args.jobs))}
     teacher_loss = loss_at(teacher_dir, "val", 10**12)
 
     nested = yaml.safe_load((EXAMPLES / "elastic.yaml").read_text())
