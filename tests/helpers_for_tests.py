@@ -14,7 +14,10 @@ NAN_AT = {"calls": 0, "steps": set(), "always_after": None}
 
 
 def cross_entropy_with_nans(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy that is NaN on the calls listed in NAN_AT (a way to inject a fault)."""
+    """Cross-entropy that is NaN on the training calls listed in NAN_AT (a way to inject a
+    fault); calls without gradients (fit's preflight, evaluations) are not counted."""
+    if not torch.is_grad_enabled():
+        return torch.nn.functional.cross_entropy(output, target)
     call = NAN_AT["calls"]
     NAN_AT["calls"] = call + 1
     loss = torch.nn.functional.cross_entropy(output, target)
@@ -53,3 +56,36 @@ def mlp_killed_at(*, at: int, rank: int = 1, **mlp_args: object) -> torch.nn.Mod
     from stagetrain.recipes.models import mlp
 
     return _KillAt(mlp(**mlp_args), at, rank)  # type: ignore[arg-type]
+
+
+class StopAt:
+    """A callback that stops a run once ``step`` global steps are done, without a final
+    checkpoint: the way an interrupted run (a crash, a kill) looks to a later resume."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, run: object) -> None:
+        if run.state.step >= self.step:  # type: ignore[attr-defined]
+            run.request_stop(checkpoint=False)  # type: ignore[attr-defined]
+
+
+def cache_dir() -> str:
+    """The difficulty-score cache of the current test (see conftest's autouse fixture)."""
+    import os
+
+    return os.environ["STAGETRAIN_CACHE"]
+
+
+EVAL_CALLS = {"count": 0}
+
+
+def reset_eval_calls() -> None:
+    EVAL_CALLS["count"] = 0
+
+
+def nan_after_first_eval(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """An evaluation loss that is finite on its first call and NaN afterwards."""
+    EVAL_CALLS["count"] += 1
+    loss = torch.nn.functional.cross_entropy(output, target)
+    return loss if EVAL_CALLS["count"] == 1 else loss * float("nan")
