@@ -155,13 +155,30 @@ def split(batch: Batch, parts: int) -> list[Batch]:
     return [select(batch, slice(bounds[i], bounds[i + 1])) for i in range(parts)]
 
 
+def structure(batch: Batch) -> Any:
+    """The shape of a nest without its tensors: types, keys and lengths (for comparisons)."""
+    if isinstance(batch, torch.Tensor):
+        return "tensor"
+    if isinstance(batch, Mapping):
+        return ("mapping", tuple((k, structure(v)) for k, v in batch.items()))
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = tuple(
+            (f.name, structure(getattr(batch, f.name))) for f in dataclasses.fields(batch)
+        )
+        return (type(batch).__qualname__, fields)
+    if isinstance(batch, list | tuple):
+        return (type(batch).__name__, tuple(structure(v) for v in batch))
+    return type(batch).__name__
+
+
 def concat(batches: Sequence[Batch]) -> Batch:
     """Concatenate batches of the same structure along the batch dimension."""
     if len(batches) == 1:
         return batches[0]
+    shapes = {repr(structure(b)) for b in batches}
+    if len(shapes) != 1:
+        raise ValueError(f"batches of different structure cannot be concatenated: {sorted(shapes)}")
     flat = [leaves(b) for b in batches]
-    if len({len(f) for f in flat}) != 1:
-        raise ValueError("batches of different structure cannot be concatenated")
     joined = iter([torch.cat([f[i] for f in flat]) for i in range(len(flat[0]))])
     return tree_map(lambda _: next(joined), batches[0])
 

@@ -38,7 +38,7 @@ from stagetrain.data import (
     mixture_tokens_per_sample,
 )
 from stagetrain.difficulty import DifficultyScorer, ScoreCache, select_indices
-from stagetrain.errors import ConfigError
+from stagetrain.errors import ConfigError, StageTrainError
 from stagetrain.handoff import enter_stage, trainable_flags
 from stagetrain.losses import StageLoss
 from stagetrain.modelio import ModelIO
@@ -144,6 +144,16 @@ class Stage:
     def batch(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Batch:
         """This rank's batch for ``stage_step`` (any structure; see :mod:`stagetrain.data`)."""
         return self.fetch(self.indices(stage_step, rank, world_size))
+
+    def check_sources_fit(self) -> None:
+        """Fetch one sample of every source as one batch: sources whose items cannot share a
+        batch fail here, naming the stage, not at the stage boundary hours later."""
+        if len(self.data.datasets) < 2:
+            return
+        try:
+            self.fetch(self.data.offsets.copy())
+        except StageTrainError as exc:
+            raise type(exc)(f"stages[{self.index}].data: {exc}") from None
 
 
 @dataclass

@@ -20,11 +20,6 @@ like one without.
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Iterator
-
-import numpy as np
 import torch
 
 from stagetrain.batch import to_device
@@ -33,20 +28,7 @@ from stagetrain.errors import ConfigError, StageTrainError
 from stagetrain.evaluation import EvalSet, build_eval, evaluate_sums, finalize
 from stagetrain.handoff import builds_optimizer, check_patterns
 from stagetrain.optim import build_optimizer, param_groups
-
-
-@contextlib.contextmanager
-def _same_rng() -> Iterator[None]:
-    """Leave torch's, NumPy's and Python's random state exactly as it was."""
-    torch_state = torch.get_rng_state()
-    numpy_state = np.random.get_state()
-    python_state = random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
+from stagetrain.seeding import preserved_rng
 
 
 def _first_line(exc: BaseException) -> str:
@@ -66,17 +48,6 @@ def check_parameters(curriculum: Curriculum, model: torch.nn.Module) -> None:
         param_groups(named, cfg.optimizer, field=f"{field}.optimizer")
         if builds_optimizer(cfg, stage.index):
             build_optimizer(named, cfg.optimizer, field=f"{field}.optimizer")
-
-
-def check_sources_fit(stage: Stage) -> None:
-    """One sample of every source of the stage, fetched as one batch."""
-    data = stage.data
-    if len(data.datasets) < 2:
-        return
-    try:
-        stage.fetch(data.offsets.copy())
-    except StageTrainError as exc:
-        raise StageTrainError(f"stages[{stage.index}].data: {exc}") from None
 
 
 def check_stage_runs(
@@ -186,9 +157,9 @@ def preflight(
             )
     check_parameters(curriculum, model)
     eval_sets = build_eval_sets(curriculum)
-    with _same_rng():
+    with preserved_rng():
         for stage in curriculum.stages:
-            check_sources_fit(stage)
+            stage.check_sources_fit()
         if run_model:
             was_training = model.training
             model.eval()
