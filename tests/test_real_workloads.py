@@ -23,8 +23,6 @@ import yaml
 from conftest import tiny_config_dict
 
 from stagetrain import ConfigError, Curriculum, TensorPairDataset, fit, parse_config
-from stagetrain.batch import to_device
-from stagetrain.collate import collate
 from stagetrain.logs import read_records
 
 transformers = pytest.importorskip("transformers")
@@ -92,6 +90,8 @@ def test_gpt2_trains_on_padded_dict_rows_with_its_own_loss(tmp_path: Path) -> No
 
     # Perplexity and token accuracy are pad-aware and use the causal shift: recompute both
     # by hand from the model's own (shifted, -100-ignoring) loss on every token.
+    from stagetrain.collate import collate
+
     curriculum = Curriculum(parse_config(gpt2_config()), progress=False)
     dataset = curriculum.eval_dataset(curriculum.config.evals[0])
     items = [dataset[i] for i in range(len(dataset))]
@@ -431,6 +431,8 @@ def test_unknown_loss_name_is_refused_with_the_field() -> None:
 
 
 def test_dict_batches_move_to_the_device_whole() -> None:
+    from stagetrain.batch import to_device
+
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "meta": {"w": torch.ones(2)}}
     moved = to_device(batch, torch.device("cpu"))
     assert moved["meta"]["w"].shape == (2,) and moved["input_ids"].dtype == torch.long
