@@ -134,7 +134,8 @@ def test_gpt2_run_killed_and_resumed_is_bitwise(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = [sys.executable, "-m", "stagetrain.cli", "run", str(path), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    path_env = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path_env}
     subprocess.run([*cli, "--run-dir", str(tmp_path / "full")], check=True, env=env,
                    capture_output=True, timeout=600)  # fmt: skip
     killed = subprocess.run(
