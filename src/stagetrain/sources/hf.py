@@ -342,8 +342,10 @@ def hf_source(
     if layout == "pack":
         windows: TokenWindows = tokens_source(
             files=str(file), seq_len=seq_len, mode=mode, stride=stride, eos_id=side["eos_id"],
-            document_aware=document_aware, vocab_size=vocab_size,
+            document_aware=document_aware,
         )  # fmt: skip
+        if vocab_size is not None:
+            windows.check_vocab(vocab_size, field="hf: args.vocab_size")
         return windows
     if pad_id is None:
         pad_id = next((p for p in (side.get("pad_id"), side["eos_id"]) if p is not None), 0)
