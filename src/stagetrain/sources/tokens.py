@@ -29,17 +29,23 @@ tokens contribute no window. (The alternative, windows across documents with an
 attention-reset mask, needs dict batches and model support; windows inside documents
 work with any model that takes ``(inputs, targets)``.)
 
-Memory: nothing is loaded whole. Each :meth:`TokenWindows.get_batch` maps the files it
-reads and unmaps them before returning: a mapping kept open would count every page
-it ever touched in the process's resident memory (the "memmap leak" nanoGPT's loader
-works around the same way), while a fresh one costs a few microseconds. Document
-boundaries are found by streaming the file in chunks and cost 8 bytes per document.
+Memory: nothing is loaded whole. Windows are read through a read-only ``mmap`` of each
+file, advised ``MADV_RANDOM`` (windows are read in shuffled order: the kernel's
+read-ahead of 128 KiB around every 2 KiB window would read mostly unused pages, and map
+them) and replaced by a fresh mapping once the pages it may have mapped (the windows,
+plus the kernel's fault-around on either side) reach ``REMAP_BYTES`` (32 MiB).
+A mapping kept forever counts every page it ever touched in the process's resident
+memory, up to the size of the file (the "memmap leak" nanoGPT's loader avoids by
+re-creating its memmap every batch); a fresh mapping for every batch pays the page
+faults of each batch again. Document boundaries are found by streaming the file in
+chunks and cost 8 bytes per document. See ``benchmarks/sampler_scale.py --tokens``.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +63,12 @@ _SCAN_CHUNK = 1 << 22
 """Tokens read at a time when scanning a file (for EOS positions or the largest id)."""
 _EXACT_CHECK = 1 << 22
 """Files up to this many tokens have every id checked against the vocabulary."""
+REMAP_BYTES = 32 << 20
+"""A file's mapping is replaced once the pages it may have mapped reach this many bytes."""
+_FAULT_AROUND = 64 << 10
+"""Linux maps up to this much of the page cache around each page fault (fault-around;
+``MADV_RANDOM`` stops read-ahead but not this), so a window may map this much more on
+each side."""
 _CHECK_CHUNKS = 64
 _CHECK_CHUNK = 1 << 14
 """Larger files: this many chunks of this many tokens, spread evenly, are checked."""
@@ -92,10 +104,16 @@ class TokenFile:
     max_token_id: int | None = None
     """The largest id, when a sidecar that matches the file records it."""
 
-    def memmap(self) -> np.memmap:
-        """A fresh read-only mapping (drop it after use: see the module docstring)."""
-        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset,
-                         shape=(self.length,))  # fmt: skip
+    def memmap(self) -> np.ndarray:
+        """The tokens through a fresh read-only mapping advised for random access.
+
+        The mapping lives as long as the returned array (or views of it) does.
+        """
+        with open(self.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
+        return np.frombuffer(mapped, dtype=self.dtype, count=self.length, offset=self.offset)
 
     def read(self, start: int, count: int) -> np.ndarray:
         """``count`` tokens from ``start``, read into memory (no mapping kept)."""
@@ -258,6 +276,21 @@ class TokenWindows:
         self._segments = segments
         # Shared by every with_seq_len view: a layout is computed once per window length.
         self._layouts = {} if layouts is None else layouts
+        self._mapped: dict[int, tuple[np.ndarray, int]] = {}
+        """file number -> (its mapped tokens, bytes touched through that mapping)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Mappings are per process: a pickled copy (a DataLoader worker) maps its own.
+        return {**self.__dict__, "_mapped": {}}
+
+    def _tokens_of(self, number: int, touching: int) -> np.ndarray:
+        """File ``number``'s mapped tokens, about to be read over ``touching`` bytes."""
+        array, touched = self._mapped.get(number, (None, 0))
+        if array is None or touched >= REMAP_BYTES:
+            self._mapped.pop(number, None)  # the old mapping is unmapped with its last view
+            array, touched = self.files[number].memmap(), 0
+        self._mapped[number] = (array, touched + touching)
+        return array
 
     # --- the index space --------------------------------------------------------------
 
@@ -364,12 +397,14 @@ class TokenWindows:
         files, starts = self.window_starts(indices)
         out = np.empty((len(starts), span), dtype=np.int64)
         for f in np.unique(files):
+            mapped_per_window = span * np.dtype(self.files[int(f)].dtype).itemsize
+            mapped_per_window += 2 * _FAULT_AROUND
             rows = np.flatnonzero(files == f) if len(self.files) > 1 else slice(None)
-            mapped = self.files[int(f)].memmap()
+            count = len(starts) if isinstance(rows, slice) else len(rows)
+            mapped = self._tokens_of(int(f), count * mapped_per_window)
             # A strided view of every window: indexing copies just the rows asked for.
             view = np.lib.stride_tricks.sliding_window_view(mapped, span)
             out[rows] = view[starts[rows]]
-            del view, mapped  # unmapped here, so touched pages leave the resident set
         return out
 
     def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
