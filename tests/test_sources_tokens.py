@@ -206,13 +206,13 @@ def test_memory_stays_bounded_when_reading_many_windows(tmp_path: Path) -> None:
         f.truncate(2 * 100_000_000)  # 1e8 uint16 tokens, sparse: 200 MB
     data = tokens_source(files=str(path), dtype="uint16", seq_len=128, mode="sequential")
     rng = np.random.default_rng(0)
-    draws = [rng.integers(0, len(data), 512) for _ in range(101)]
+    draws = [rng.integers(0, len(data), 512) for _ in range(201)]
     process = psutil.Process()
 
     def growth(read: object) -> int:
         read(draws[0])  # type: ignore[operator]
         before = process.memory_info().rss
-        for idx in draws[1:]:  # ~50k windows: about 200 MB of pages if all stayed mapped
+        for idx in draws[1:]:  # 1e5 windows: most of the file's pages if all stayed mapped
             read(idx)  # type: ignore[operator]
         return process.memory_info().rss - before
 
@@ -220,8 +220,9 @@ def test_memory_stays_bounded_when_reading_many_windows(tmp_path: Path) -> None:
     kept = data.files[0].memmap()
     view = np.lib.stride_tricks.sliding_window_view(kept, 129)
     forever = growth(lambda idx: np.array(view[data.window_starts(idx)[1]]))
-    assert shipped < 2 * REMAP_BYTES + 8 * 2**20
-    assert forever > 4 * REMAP_BYTES  # the test can tell the difference
+    bound = 2 * REMAP_BYTES + 8 * 2**20
+    assert shipped < bound
+    assert forever > 2 * bound  # the test can tell the difference
 
 
 # --- through a curriculum -----------------------------------------------------------------
