@@ -220,9 +220,9 @@ def test_memory_stays_bounded_when_reading_many_windows(tmp_path: Path) -> None:
     kept = data.files[0].memmap()
     view = np.lib.stride_tricks.sliding_window_view(kept, 129)
     forever = growth(lambda idx: np.array(view[data.window_starts(idx)[1]]))
-    bound = 2 * REMAP_BYTES + 8 * 2**20
-    assert shipped < bound
-    assert forever > 2 * bound  # the test can tell the difference
+    bound = REMAP_BYTES + 16 * 2**20  # the live mapping, plus slack for the allocator
+    assert shipped < bound, shipped
+    assert forever > 2 * bound, forever  # the test can tell the difference
 
 
 # --- through a curriculum -----------------------------------------------------------------
