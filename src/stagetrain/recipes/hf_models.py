@@ -46,12 +46,19 @@ def gpt2_lm(
     n_layer: int = 2,
     n_head: int = 2,
     dropout: float = 0.0,
+    eos_token_id: int | None = None,
     logits_only: bool = True,
 ) -> nn.Module:
-    """A small GPT-2 (tied input and output embeddings) for CPU-sized recipes."""
+    """A small GPT-2 (tied input and output embeddings) for CPU-sized recipes.
+
+    ``eos_token_id`` (also the BOS id, as in GPT-2) is the tokenizer's end-of-text id;
+    GPT-2's own 50256 would lie outside a small vocabulary, so the default is none.
+    """
     return causal_lm(
         model_type="gpt2",
         logits_only=logits_only,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
         vocab_size=vocab_size,
         n_positions=n_positions,
         n_embd=n_embd,
