@@ -74,3 +74,27 @@ def token_file(path: Path, n: int = 4000, vocab: int = 32, seed: int = 0) -> str
     tokens = np.where(rng.random(n) < 0.8, base, noise).astype(np.uint16)
     tokens.tofile(path)
     return str(path)
+
+
+def recording_lm(*, out_dir: str, vocab: int = 32, width: int = 8) -> object:
+    """A tiny LM that appends the token rows of every training forward to
+    ``out_dir/rank{RANK}.jsonl`` (a way to see which windows each rank trained on)."""
+    import json
+    import os
+
+    import torch
+
+    class RecordingLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, width)
+            self.head = torch.nn.Linear(width, vocab)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                rank = os.environ.get("RANK", "0")
+                with open(os.path.join(out_dir, f"rank{rank}.jsonl"), "a") as f:
+                    f.write(json.dumps(tokens.tolist()) + "\n")
+            return self.head(self.embed(tokens))
+
+    return RecordingLM()
