@@ -265,3 +265,30 @@ def test_plan_counts_passes_over_the_windows(tmp_path: Path) -> None:
     assert 200 * 8 / data.num_tokens == pytest.approx(
         2.0, rel=0.01
     )  # what plan should show in tokens
+
+
+def test_preflight_vocab_check_names_the_source_field(tmp_path: Path) -> None:
+    from helpers_sources import tied_lm
+
+    from stagetrain.recipes.hf_models import gpt2_lm
+    from stagetrain.sources.preflight import check_vocab, model_vocab_size
+
+    good = write_bin(tmp_path / "good.bin", np.arange(400) % 32)
+    bad = write_bin(tmp_path / "bad.bin", np.arange(400) % 41)
+    config = tokens_config(good)
+    config["stages"].append(  # type: ignore[attr-defined]
+        {"name": "two", "duration": "2ba", "seq_len": 8,
+         "data": {"sources": [{"builtin": "tokens", "name": "ok", "args": {"files": good, "dtype": "uint16", "seq_len": 8}},
+                              {"builtin": "tokens", "name": "big", "args": {"files": bad, "dtype": "uint16", "seq_len": 8}}]}}
+    )  # fmt: skip
+    curriculum = Curriculum(parse_config(config))
+    assert (
+        model_vocab_size(gpt2_lm(vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=1)) == 50
+    )
+    assert check_vocab(curriculum, tied_lm(vocab=41)) == 41  # type: ignore[arg-type]
+    with pytest.raises(
+        DataError,
+        match=r"^stages\[1\].data.sources\[1\]: '.*bad.bin' holds token id 40 at position 40, but the model's vocabulary has 32 ids \(0..31\)$",
+    ):
+        check_vocab(curriculum, tied_lm(vocab=32))  # type: ignore[arg-type]
+    assert check_vocab(curriculum, torch.nn.Linear(2, 2)) is None  # no token embedding
