@@ -150,7 +150,7 @@ class KeptMapping:
     def __init__(self, data: Any) -> None:
         self.data = data
         self.view = np.lib.stride_tricks.sliding_window_view(
-            data.files[0].memmap(), TOKEN_SEQ_LEN + 1
+            data.files[0].mapped(), TOKEN_SEQ_LEN + 1
         )
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:

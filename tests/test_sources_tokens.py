@@ -217,7 +217,7 @@ def test_memory_stays_bounded_when_reading_many_windows(tmp_path: Path) -> None:
         return process.memory_info().rss - before
 
     shipped = growth(data.get_batch)
-    kept = data.files[0].memmap()
+    kept = data.files[0].mapped()
     view = np.lib.stride_tricks.sliding_window_view(kept, 129)
     forever = growth(lambda idx: np.array(view[data.window_starts(idx)[1]]))
     bound = REMAP_BYTES + 16 * 2**20  # the live mapping, plus slack for the allocator

@@ -219,7 +219,7 @@ class PaddedDocuments:
         size = np.minimum(self.starts[idx + 1] - begin, length)
         positions = np.arange(length)
         mask = positions[None, :] < size[:, None]
-        mapped = self.file.memmap()
+        mapped = self.file.mapped()
         gathered = mapped[np.where(mask, begin[:, None] + positions[None, :], 0)].astype(np.int64)
         del mapped  # see tokens.py: no mapping outlives the batch
         ids = np.where(mask, gathered, self.pad_id)

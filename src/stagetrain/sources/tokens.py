@@ -104,7 +104,7 @@ class TokenFile:
     max_token_id: int | None = None
     """The largest id, when a sidecar that matches the file records it."""
 
-    def memmap(self) -> np.ndarray:
+    def mapped(self) -> np.ndarray:
         """The tokens through a fresh read-only mapping advised for random access.
 
         The mapping lives as long as the returned array (or views of it) does.
@@ -123,12 +123,15 @@ class TokenFile:
                            offset=self.offset + start * item)  # fmt: skip
 
 
-def open_token_file(path: str, *, dtype: str | None, field: str) -> TokenFile:
+def open_token_file(
+    path: str, *, dtype: str | None, field: str, dtype_field: str = "dtype"
+) -> TokenFile:
     """Describe a ``.bin`` or ``.npy`` token file, checking its size against its dtype.
 
     Raises:
-        DataError: naming ``field`` and the file when it is missing, empty, has an unknown
-            or mismatched dtype, or a size that is not a whole number of items.
+        DataError: naming ``field`` (the file's argument) or ``dtype_field`` and the file
+            when it is missing, empty, has an unknown or mismatched dtype, or a size that is
+            not a whole number of items.
     """
     file = Path(path)
     if not file.is_file():
@@ -151,25 +154,24 @@ def open_token_file(path: str, *, dtype: str | None, field: str) -> TokenFile:
         side_dtype = side.get("dtype") if side else None
         if dtype is None and side_dtype is None:
             raise DataError(
-                f"{field.rsplit('.', 1)[0]}.dtype: {path!r} is a raw token file without a .json "
+                f"{dtype_field}: {path!r} is a raw token file without a .json "
                 "sidecar; give its dtype (e.g. uint16), or write it with `stagetrain prepare`"
             )
         if dtype is not None and side_dtype is not None and np.dtype(dtype) != np.dtype(side_dtype):
             raise DataError(
-                f"{field.rsplit('.', 1)[0]}.dtype: {dtype!r}, but the sidecar of {path!r} "
-                f"says {side_dtype!r}"
+                f"{dtype_field}: {dtype!r}, but the sidecar of {path!r} says {side_dtype!r}"
             )
         name = str(dtype or side_dtype)
         if name not in INT_DTYPES:
             raise DataError(
-                f"{field.rsplit('.', 1)[0]}.dtype: {name!r} is not an integer dtype; "
+                f"{dtype_field}: {name!r} is not an integer dtype; "
                 f"use one of {', '.join(INT_DTYPES)}"
             )
         size = file.stat().st_size
         item = np.dtype(name).itemsize
         if size % item:
             raise DataError(
-                f"{field.rsplit('.', 1)[0]}.dtype: {path!r} has {size:,} bytes, not a multiple of "
+                f"{dtype_field}: {path!r} has {size:,} bytes, not a multiple of "
                 f"{item} ({name} items): wrong dtype?"
             )
         length = size // item
@@ -288,7 +290,7 @@ class TokenWindows:
         array, touched = self._mapped.get(number, (None, 0))
         if array is None or touched >= REMAP_BYTES:
             self._mapped.pop(number, None)  # the old mapping is unmapped with its last view
-            array, touched = self.files[number].memmap(), 0
+            array, touched = self.files[number].mapped(), 0
         self._mapped[number] = (array, touched + touching)
         return array
 
@@ -515,7 +517,9 @@ def tokens_source(
         raise DataError(f"tokens: args.seq_len: expected a positive integer, got {seq_len!r}")
     paths = expand_files(files, field="tokens: args.files")
     opened = [
-        open_token_file(p, dtype=dtype, field=f"tokens: args.files[{i}]")
+        open_token_file(
+            p, dtype=dtype, field=f"tokens: args.files[{i}]", dtype_field="tokens: args.dtype"
+        )
         for i, p in enumerate(paths)
     ]
     if eos_id is None:
