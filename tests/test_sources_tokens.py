@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from pathlib import Path
 
@@ -262,9 +263,11 @@ def test_plan_counts_passes_over_the_windows(tmp_path: Path) -> None:
     ((_label, share, passes),) = plan.stages[0].sources
     assert share == 1.0 and passes == pytest.approx(2.0)
     data = Curriculum(parse_config(config)).stages[0].data.datasets[0]
-    assert 200 * 8 / data.num_tokens == pytest.approx(
-        2.0, rel=0.01
-    )  # what plan should show in tokens
+    # what plan should show in tokens: tokens drawn / num_tokens
+    assert 200 * 8 / data.num_tokens == pytest.approx(2.0, rel=0.01)
+    randoms = tokens_source(files=path, dtype="uint16", seq_len=8)
+    assert len(randoms) == 801 - 8  # a window per start: a sampler epoch is 8 passes
+    assert randoms.samples_per_pass == data.samples_per_pass == pytest.approx(100.125)
 
 
 def test_preflight_vocab_check_names_the_source_field(tmp_path: Path) -> None:
@@ -292,3 +295,42 @@ def test_preflight_vocab_check_names_the_source_field(tmp_path: Path) -> None:
     ):
         check_vocab(curriculum, tied_lm(vocab=32))  # type: ignore[arg-type]
     assert check_vocab(curriculum, torch.nn.Linear(2, 2)) is None  # no token embedding
+
+
+class _StopAt:
+    """A callback that interrupts the run after global step ``at`` (a crash, in effect)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, run: object) -> None:
+        if run.state.step == self.at:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_with_the_same_windows(tmp_path: Path) -> None:
+    import json
+
+    import stagetrain
+
+    path = write_bin(tmp_path / "t.bin", np.arange(3000) % 32)
+
+    def run(name: str, stop_at: int | None = None, resume: bool = False) -> list[list[list[int]]]:
+        record = tmp_path / name
+        record.mkdir(exist_ok=True)
+        config = tokens_config(path, duration="10ba")
+        config.update(checkpoint={"every": "5ba"}, model={
+            "factory": "helpers_sources:recording_lm", "args": {"out_dir": str(record)}})  # fmt: skip
+        curriculum = Curriculum(parse_config(config))
+        callbacks = [_StopAt(stop_at)] if stop_at is not None else []
+        with contextlib.suppress(KeyboardInterrupt):
+            stagetrain.fit(curriculum.build_model(), curriculum, run_dir=tmp_path / f"run-{name}",
+                           resume=resume, progress=False, tensorboard=False, callbacks=callbacks)  # fmt: skip
+        return [json.loads(x) for x in (record / "rank0.jsonl").read_text().splitlines()]
+
+    whole = run("whole")
+    assert len(whole) == 10
+    interrupted = run("cut", stop_at=7)
+    assert interrupted == whole[:7]
+    resumed = run("cut", resume=True)[7:]  # the same record file, appended after the resume
+    assert resumed == whole[5:]  # back from the checkpoint at step 5, the same windows

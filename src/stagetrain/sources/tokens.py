@@ -313,6 +313,12 @@ class TokenWindows:
         """Documents (``document_aware``) or files."""
         return len(self._segments.start)
 
+    @property
+    def samples_per_pass(self) -> float:
+        """Windows that read as many tokens as one pass over the files (``num_tokens /
+        seq_len``): the length of an epoch in samples, whatever the mode and stride."""
+        return self.num_tokens / self._require_seq_len()
+
     def tokens_per_sample(self, seq_len: int | None = None) -> int:
         """Input tokens of one sample at ``seq_len`` (default: this view's window length)."""
         return seq_len if seq_len is not None else self._require_seq_len()
