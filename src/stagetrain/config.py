@@ -238,6 +238,10 @@ class DataConfig(_Config):
 
     sources: list[SourceConfig] = Field(min_length=1)
     replay: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_unit: Literal["samples", "tokens"] = "samples"
+    """What the sources' ``weight`` shares: samples (default) or tokens — with ``tokens``,
+    a source of 128-token samples next to one of 256 gets twice the samples for an equal
+    weight (see :mod:`stagetrain.sources.mixture`). ``replay`` is a share of samples."""
 
     @model_validator(mode="before")
     @classmethod
@@ -247,11 +251,10 @@ class DataConfig(_Config):
         if isinstance(data, list):
             return {"sources": data}
         if isinstance(data, dict) and "sources" not in data:
-            replay = data.get("replay")
-            source = {k: v for k, v in data.items() if k != "replay"}
+            own = ("replay", "weight_unit")
+            source = {k: v for k, v in data.items() if k not in own}
             out: dict[str, Any] = {"sources": [source]}
-            if replay is not None:
-                out["replay"] = replay
+            out.update({k: data[k] for k in own if k in data})
             return out
         return data
 

@@ -47,6 +47,7 @@ from stagetrain.pacing import PacedSampler, ordering, pacing_function
 from stagetrain.registry import build_model, import_path
 from stagetrain.sampler import StageSampler
 from stagetrain.schedules import Schedule, constant, join, linear
+from stagetrain.sources.mixture import mean_tokens_per_sample, token_weight_schedules
 from stagetrain.state import TrainState
 from stagetrain.time import Duration, TimeContext, TimeUnit
 
@@ -376,6 +377,9 @@ class Curriculum:
         steps = self._stage_steps(cfg, ctx, field)
         ctx = TimeContext(ctx.batch_size, ctx.tokens_per_sample, ctx.epoch_samples, steps)
         own_weights = [_weight_schedule(s.weight, steps, ctx) for s in cfg.data.sources]
+        if cfg.data.weight_unit == "tokens":
+            per_sample = [mean_tokens_per_sample(d, cfg.seq_len) for d in own]
+            own_weights = token_weight_schedules(own_weights, per_sample)
         datasets = list(own)
         weights: list[Schedule] = list(own_weights)
         labels = [(s.label, False) for s in cfg.data.sources]
@@ -391,7 +395,7 @@ class Curriculum:
                 prev_static = [w(0) for w in prev.weights[: len(prev.config.data.sources)]]
                 total = sum(prev_static)
                 for k, source in enumerate(prev.config.data.sources):
-                    datasets.append(prev.data.datasets[k])
+                    datasets.append(_at_seq_len(prev.data.datasets[k], cfg.seq_len))
                     weights.append(constant(replay / len(earlier) * prev_static[k] / total))
                     labels.append((f"{prev.name}/{source.label}", True))
         data = ConcatSources(datasets, self.fmt, cfg.seq_len)
@@ -557,6 +561,13 @@ class Curriculum:
         teacher = build_model(self.config.teacher, seed=self.config.seed, field="teacher")
         teacher.eval().requires_grad_(False)
         return teacher
+
+
+def _at_seq_len(dataset: Any, seq_len: int | None) -> Any:
+    """A replayed source seen at the replaying stage's sequence length, when it can be."""
+    if seq_len is not None and hasattr(dataset, "with_seq_len"):
+        return dataset.with_seq_len(seq_len)
+    return dataset  # batches of other lengths are cut or padded to the stage's
 
 
 def _resolve_forward(forward: Any) -> Any:

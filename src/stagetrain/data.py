@@ -149,13 +149,14 @@ class SourceBuilder:
                     error=DataError,
                     what=f"{field}: viewing {source.label!r} at seq_len {seq_len}",
                 )
-                self._views[key] = _check_dataset(view, field)
+                self._views[key] = view
             dataset = self._views[key]
-        return dataset
+        return _check_dataset(dataset, field)
 
     def _build(self, source: SourceConfig, *, field: str) -> Any:
+        """The dataset itself (not yet checked: a sequence-length view may come first)."""
         if source.dataset is not None:
-            return _check_dataset(source.dataset, field)
+            return source.dataset
         if source.ref is not None:
             if source.ref not in self.datasets:
                 known = ", ".join(sorted(self.datasets)) or "none"
@@ -163,7 +164,7 @@ class SourceBuilder:
                     f"{field}: no in-memory dataset named {source.ref!r} was passed to fit(); "
                     f"passed: {known}"
                 )
-            return _check_dataset(self.datasets[source.ref], field)
+            return self.datasets[source.ref]
         key = json.dumps(
             {"b": source.builtin, "f": source.factory, "a": source.args},
             sort_keys=True,
@@ -187,7 +188,7 @@ class SourceBuilder:
                 dataset = call_factory(
                     factory, args, error=DataError, what=f"{field}: building {source.label!r}"
                 )
-            self._cache[key] = _check_dataset(dataset, field)
+            self._cache[key] = dataset
         return self._cache[key]
 
 
@@ -199,7 +200,7 @@ def _accepts(fn: Any, name: str) -> bool:
 
 
 def _check_dataset(dataset: Any, field: str) -> Any:
-    if not isinstance(dataset, MapDataset):
+    if not isinstance(dataset, MapDataset) and not hasattr(dataset, "get_batch"):
         raise DataError(
             f"{field}: expected a map-style dataset (with __len__ and __getitem__), "
             f"got {type(dataset).__name__}"

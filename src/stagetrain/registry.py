@@ -81,8 +81,11 @@ def call_factory(
     with the message ``"{what} failed: Type: message"``, so the user sees which field broke."""
     try:
         return factory(**args)
-    except StageTrainError:
-        raise
+    except StageTrainError as exc:
+        field = what.split(": ", 1)[0]
+        if str(exc).startswith(field):
+            raise
+        raise type(exc)(f"{field}: {exc}") from None  # name the config field that broke
     except Exception as exc:  # a user factory may raise anything
         raise error(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 

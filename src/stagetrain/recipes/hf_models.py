@@ -1,10 +1,10 @@
 """``transformers`` causal language models built from a config (never downloaded).
 
 :func:`causal_lm` builds any ``AutoModelForCausalLM`` architecture from a model type and
-its config fields; :func:`gpt2_lm` is the GPT-2 shorthand the LLM recipe uses. With
-``logits_only`` (the default) the model is wrapped in :class:`LogitsOnly`, which takes
-the ``inputs`` of an ``(inputs, targets)`` batch and returns the logits tensor, so it
-trains with stagetrain's built-in losses today; ``stagetrain export --format hf``
+its config fields; :func:`gpt2_lm` is the GPT-2 shorthand the LLM recipe uses. The model
+is returned as it is: stagetrain calls it with a token batch and reads ``.logits`` from
+its ``ModelOutput``. ``logits_only`` wraps it in :class:`LogitsOnly` (``inputs ->
+logits`` tensor) for code that wants a plain tensor; ``stagetrain export --format hf``
 finds the ``transformers`` model inside the wrapper.
 """
 
@@ -28,7 +28,7 @@ class LogitsOnly(nn.Module):
         return logits
 
 
-def causal_lm(*, model_type: str, logits_only: bool = True, **config: Any) -> nn.Module:
+def causal_lm(*, model_type: str, logits_only: bool = False, **config: Any) -> nn.Module:
     """A freshly initialised ``AutoModelForCausalLM`` of ``model_type`` (``gpt2``, ``llama``...)
     with ``config`` fields (``vocab_size``, sizes...); the KV cache is off (training)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -47,7 +47,7 @@ def gpt2_lm(
     n_head: int = 2,
     dropout: float = 0.0,
     eos_token_id: int | None = None,
-    logits_only: bool = True,
+    logits_only: bool = False,
 ) -> nn.Module:
     """A small GPT-2 (tied input and output embeddings) for CPU-sized recipes.
 

@@ -29,6 +29,7 @@ from stagetrain.evaluation import EvalSet, build_eval, evaluate_sums, finalize
 from stagetrain.handoff import builds_optimizer, check_patterns
 from stagetrain.optim import build_optimizer, param_groups
 from stagetrain.seeding import preserved_rng
+from stagetrain.sources.preflight import check_vocab
 
 
 def _first_line(exc: BaseException) -> str:
@@ -156,6 +157,7 @@ def preflight(
                 "in the config or pass fit(..., teacher=model)"
             )
     check_parameters(curriculum, model)
+    check_vocab(curriculum, model)  # a token id past the embedding is named before step 0
     eval_sets = build_eval_sets(curriculum)
     with preserved_rng():
         for stage in curriculum.stages:
