@@ -1,0 +1,78 @@
+"""A stage's training batches as a ``keras.utils.PyDataset``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import numpy as np
+import torch
+
+from stagetrain.curriculum import Stage
+from stagetrain.errors import DataError
+
+
+def to_numpy(value: Any) -> Any:
+    """``value`` with every tensor turned into a NumPy array (tuples, lists, dicts kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, Mapping):
+        return {k: to_numpy(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(to_numpy(v) for v in value)
+    raise DataError(f"batch: cannot hand {type(value).__name__} to Keras (expected tensors)")
+
+
+def batch_to_numpy(batch: Any, *, field: str = "batch") -> tuple[Any, Any]:
+    """A stagetrain ``(inputs, targets)`` batch as Keras' ``(x, y)`` NumPy pair."""
+    if not isinstance(batch, tuple | list) or len(batch) != 2:
+        raise DataError(
+            f"{field}: the Keras adapter trains on (inputs, targets) pairs, "
+            f"got {type(batch).__name__}"
+        )
+    return to_numpy(batch[0]), to_numpy(batch[1])
+
+
+class StageDataset(keras.utils.PyDataset):
+    """Stage steps ``start, start + 1, ...`` of ``stage``: item ``i`` is step ``start + i``.
+
+    Each item is exactly the batch stagetrain's own loop trains on at that stage step
+    (``Stage.batch``, the sampler's indices truncated to the stage's ``seq_len``), as
+    NumPy arrays. Items are a pure function of the index, so Keras may prefetch them in
+    worker threads; they must not be shuffled (``fit(..., shuffle=False)``, which
+    :func:`~stagetrain.integrations.keras.fit_keras` passes).
+
+    Args:
+        stage: a built stage of a :class:`~stagetrain.Curriculum`.
+        start: the first stage step (a resumed stage starts past 0).
+        rank: this process's rank (for a data-parallel split of the batch).
+        world_size: number of processes sharing each global batch.
+        **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
+            ``keras.utils.PyDataset``.
+    """
+
+    def __init__(
+        self, stage: Stage, start: int = 0, *, rank: int = 0, world_size: int = 1, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= start <= stage.steps:
+            raise ValueError(f"start {start} outside stage {stage.name!r}'s {stage.steps} steps")
+        # Built now: worker threads would otherwise race to build the sampler on first use.
+        _ = stage.sampler
+        self.stage = stage
+        self.start = start
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return self.stage.steps - self.start
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside {len(self)} steps")
+        step = self.start + index
+        batch = self.stage.batch(step, self.rank, self.world_size)
+        return batch_to_numpy(batch, field=f"stage {self.stage.name!r} step {step}")
