@@ -621,14 +621,43 @@ def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def backend_python(backend: str) -> str:
+    """The interpreter that runs ``backend``: this one for torch, else a separate venv's.
+
+    ``STAGETRAIN_TF_PYTHON`` names a Python with tensorflow-cpu and keras (default
+    ``.venv-tf/bin/python``); ``STAGETRAIN_JAX_PYTHON`` one with jax and keras (default:
+    the TensorFlow one). TensorFlow never goes into the main venv.
+    """
+    if backend == "torch":
+        return sys.executable
+    default = os.environ.get("STAGETRAIN_TF_PYTHON") or str(ROOT / ".venv-tf" / "bin" / "python")
+    python = os.environ.get("STAGETRAIN_JAX_PYTHON", default) if backend == "jax" else default
+    if not Path(python).exists():
+        variable = "STAGETRAIN_JAX_PYTHON" if backend == "jax" else "STAGETRAIN_TF_PYTHON"
+        pytest.skip(
+            f"no {backend} interpreter at {python}: set {variable} to a Python with {backend}, "
+            "keras and stagetrain's dependencies"
+        )
+    return python
+
+
 def script(
-    *args: str, python: str = sys.executable, backend: str = "torch", timeout: int = 300
+    *args: str, backend: str = "torch", timeout: int = 300
 ) -> subprocess.CompletedProcess[str]:
+    """``tests/keras_script.py ARGS`` on ``backend``; skips when its interpreter lacks it."""
+    python = backend_python(backend)
     env = {**os.environ, "KERAS_BACKEND": backend, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    return subprocess.run(
+    proc = subprocess.run(
         [python, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout
     )
+    missing = re.search(r"No module named '(tensorflow|jax|keras)'", proc.stderr)
+    if proc.returncode == 1 and missing:
+        pytest.skip(f"{python} cannot import {missing.group(1)}")
+    if "--kill-at" not in args:  # a killed run is checked by its caller
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"backend {backend}" in proc.stdout
+    return proc
 
 
 def kill_config() -> dict[str, Any]:
@@ -644,40 +673,37 @@ def kill_config() -> dict[str, Any]:
     return config
 
 
+BACKENDS = ["torch", "tensorflow", "jax"]
+
+
 @pytest.mark.slow
-def test_sigkill_mid_stage_two_then_resume_gives_the_same_weights(tmp_path: Path) -> None:
-    config = kill_config()
-    path = write_config(tmp_path, config)
-    killed = script(str(path), str(tmp_path / "cut"), "--kill-at", "55")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_mid_stage_two_then_resume_gives_the_same_weights(
+    tmp_path: Path, backend: str
+) -> None:
+    path = write_config(tmp_path, kill_config())
+    killed = script(str(path), str(tmp_path / "cut"), "--kill-at", "55", backend=backend)
     assert killed.returncode == -9, killed.stderr[-2000:]
     records = read_records(tmp_path / "cut" / "metrics.jsonl")
     assert records[-1]["step"] == 55 and records[-1]["stage"] == "target"  # died mid stage 2
-    resumed = script(
-        str(path), str(tmp_path / "cut"), "--resume", "--out", str(tmp_path / "resumed.npz")
+    script(
+        str(path),
+        str(tmp_path / "cut"),
+        "--resume",
+        "--out",
+        str(tmp_path / "resumed.npz"),
+        backend=backend,
     )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    full = script(str(path), str(tmp_path / "full"), "--out", str(tmp_path / "full.npz"))
-    assert full.returncode == 0, full.stderr[-2000:]
+    script(str(path), str(tmp_path / "full"), "--out", str(tmp_path / "full.npz"), backend=backend)
     a, b = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "full.npz")
     names = [n for n in b.files if n.startswith("w")]
-    assert all(np.array_equal(a[n], b[n]) for n in names)  # bitwise on the torch backend
+    assert all(np.array_equal(a[n], b[n]) for n in names)  # bitwise, dropout included
     assert skeleton(tmp_path / "cut") == skeleton(tmp_path / "full")
     # The resumed process set the curriculum's LR from the checkpoint's step (50) on.
     assert np.array_equal(a["lrs"], b["lrs"][50:])
 
 
-# --- the TensorFlow backend ------------------------------------------------------------------
-
-
-def tensorflow_python() -> str:
-    """The interpreter of a venv with tensorflow and keras (``STAGETRAIN_TF_PYTHON``)."""
-    python = os.environ.get("STAGETRAIN_TF_PYTHON") or str(ROOT / ".venv-tf" / "bin" / "python")
-    if not Path(python).exists():
-        pytest.skip(
-            f"no TensorFlow interpreter at {python}: set STAGETRAIN_TF_PYTHON to a Python with "
-            "tensorflow-cpu, keras and stagetrain's dependencies"
-        )
-    return python
+# --- TensorFlow and JAX against torch ----------------------------------------------------------
 
 
 def backend_config() -> dict[str, Any]:
@@ -694,45 +720,36 @@ def backend_config() -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_tensorflow_backend_gives_the_same_timeline_and_lr(tmp_path: Path) -> None:
-    python = tensorflow_python()
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_other_backends_give_the_same_timeline_and_lr(tmp_path: Path, backend: str) -> None:
     path = write_config(tmp_path, backend_config())
     started = time.perf_counter()
-    tf_run = script(
+    script(
         str(path),
-        str(tmp_path / "tf"),
+        str(tmp_path / backend),
         "--out",
-        str(tmp_path / "tf.npz"),
-        python=python,
-        backend="tensorflow",
+        str(tmp_path / f"{backend}.npz"),
+        backend=backend,
     )
     seconds = time.perf_counter() - started
-    missing = re.search(r"No module named '(tensorflow|keras)'", tf_run.stderr)
-    if tf_run.returncode != 0 and missing:
-        pytest.skip(f"{python} cannot import {missing.group(1)}")
-    assert tf_run.returncode == 0, tf_run.stderr[-3000:]
-    assert "backend tensorflow" in tf_run.stdout
-    torch_run = script(str(path), str(tmp_path / "torch"), "--out", str(tmp_path / "torch.npz"))
-    assert torch_run.returncode == 0, torch_run.stderr[-3000:]
-    assert timeline_of(tmp_path / "tf") == timeline_of(tmp_path / "torch") == [
+    script(str(path), str(tmp_path / "torch"), "--out", str(tmp_path / "torch.npz"))
+    assert timeline_of(tmp_path / backend) == timeline_of(tmp_path / "torch") == [
         ("stage_start", 0, "easy"), ("stage_end", 15, "easy"), ("stage_start", 15, "target"), ("stage_end", 55, "target"),
     ]  # fmt: skip
-    assert skeleton(tmp_path / "tf") == skeleton(tmp_path / "torch")
-    tf_records = [
-        r for r in read_records(tmp_path / "tf" / "metrics.jsonl") if r["type"] == "train"
-    ]
-    torch_records = [
-        r for r in read_records(tmp_path / "torch" / "metrics.jsonl") if r["type"] == "train"
-    ]
-    assert [r["lr"] for r in tf_records] == [r["lr"] for r in torch_records]
+    assert skeleton(tmp_path / backend) == skeleton(tmp_path / "torch")
+    theirs, ours = (
+        [r for r in read_records(tmp_path / name / "metrics.jsonl") if r["type"] == "train"]
+        for name in (backend, "torch")
+    )
+    assert [r["lr"] for r in theirs] == [r["lr"] for r in ours]
     assert np.array_equal(
-        np.load(tmp_path / "tf.npz")["lrs"], np.load(tmp_path / "torch.npz")["lrs"]
+        np.load(tmp_path / f"{backend}.npz")["lrs"], np.load(tmp_path / "torch.npz")["lrs"]
     )
     # Same start, same batches: the losses agree up to float32 kernel differences.
-    tf_loss, torch_loss = [r["loss"] for r in tf_records], [r["loss"] for r in torch_records]
-    assert tf_loss[0] == pytest.approx(torch_loss[0], rel=1e-5)
-    assert np.allclose(tf_loss, torch_loss, rtol=1e-3, atol=1e-4)
-    print(f"TensorFlow run: {seconds:.1f} s")
+    their_loss, our_loss = [r["loss"] for r in theirs], [r["loss"] for r in ours]
+    assert their_loss[0] == pytest.approx(our_loss[0], rel=1e-5)
+    assert np.allclose(their_loss, our_loss, rtol=1e-3, atol=1e-4)
+    print(f"{backend} run: {seconds:.1f} s")
 
 
 # --- the example -------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ class BatchLoss(keras.metrics.Metric):
         self.value.assign(ops.cast(self._loss(y_true, y_pred), self.value.dtype))
 
     def result(self) -> Any:
-        return self.value
+        # A tensor, not the variable: JAX's stateless metric tracing cannot take a variable.
+        return ops.convert_to_tensor(self.value)
 
     def reset_state(self) -> None:
         self.value.assign(0.0)
