@@ -38,6 +38,7 @@ if keras.backend.backend() != "torch":
 from keras_script import RecordLR, mlp
 
 from stagetrain import CheckpointError, ConfigError, Curriculum, TrainingError, fit, parse_config
+from stagetrain.checkpoint import CheckpointStore, load_checkpoint
 from stagetrain.data import TensorPairDataset
 from stagetrain.integrations.keras import (
     KERAS_LOSSES,
@@ -127,6 +128,7 @@ class RecordInputs(keras.layers.Layer):
 
 def test_fit_trains_on_exactly_the_curriculum_batches_in_order(tmp_path: Path) -> None:
     config = keras_config()
+    config["stages"][1]["data"]["replay"] = 0.25  # a mixture with the first stage's data
     recorder = RecordInputs()
     model = keras.Sequential([keras.Input((8,)), recorder, keras.layers.Dense(2)])
     run_keras(config, tmp_path / "r", model=model)
@@ -311,8 +313,6 @@ def test_freeze_keeps_matched_variables_fixed_for_the_stage(tmp_path: Path) -> N
     model = new_model()
     start = model.get_weights()
     run_keras(config, tmp_path / "r", model=model)
-    from stagetrain.checkpoint import load_checkpoint
-
     boundary = load_checkpoint(tmp_path / "r" / "checkpoints" / "ckpt-00000030.pt")["keras"][
         "model"
     ]
@@ -529,6 +529,20 @@ def test_coupled_weight_decay_is_refused(tmp_path: Path) -> None:
         run_keras(config, tmp_path / "r")
 
 
+def test_a_kept_sgd_cannot_gain_momentum(tmp_path: Path) -> None:
+    config = keras_config()
+    config["stages"][0]["optimizer"] = {"name": "sgd", "lr": 0.1}
+    config["stages"][1]["optimizer"] = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    with pytest.raises(
+        ConfigError,
+        match=r"stages\[1\]\.optimizer\.momentum: the kept Keras SGD was built without momentum .*use handoff: reset",
+    ):
+        run_keras(config, tmp_path / "carry")
+    config["stages"][1]["handoff"] = "reset"
+    _, result = run_keras(config, tmp_path / "reset")
+    assert result.state.step == 70
+
+
 def test_a_config_model_section_is_ignored_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(
         UserWarning, match="model: the config's model section is ignored by fit_keras"
@@ -609,6 +623,14 @@ def test_resume_refusals(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match=r"written by stagetrain\.fit, not fit_keras"):
         run_keras(config, tmp_path / "torch", resume=True)
+    store = CheckpointStore(tmp_path / "r" / "checkpoints")
+    payload, entry = store.load_latest()
+    store.save({**payload, "backend": "tensorflow"}, step=entry.step + 1, stage=entry.stage)
+    with pytest.raises(
+        CheckpointError, match=r"written on the Keras tensorflow backend; this process runs torch"
+    ):
+        run_keras(config, tmp_path / "r", resume=True)
+    store.save(payload, step=entry.step + 2, stage=entry.stage)
     with pytest.raises(
         CheckpointError, match=r"checkpoint model: 4 variables saved, this model has 6"
     ):
