@@ -498,6 +498,11 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
             {"*head*": 0.1},
             r"stages\[0\]\.optimizer\.lr_multipliers: per-parameter LR",
         ),
+        (
+            "data_workers",
+            2,
+            r"data_workers: 2 worker threads would reorder the batches in Keras' PyDataset enqueuer",
+        ),
         ("stages.0.optimizer.name", "adam", None),  # allowed: no weight decay
         ("stages.0.optimizer.weight_decay", 0.1, None),  # allowed: adamw
         (

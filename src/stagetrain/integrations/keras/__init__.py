@@ -13,8 +13,8 @@ Install ``stagetrain[keras]`` and choose the backend as Keras does (``KERAS_BACK
 Refused, each with an error naming the field: ``teacher`` / ``kl_distill``, loss
 import paths and loss ``args`` (pass ``fit_keras(losses=...)``), ``lr_multipliers``,
 weight decay on ``adam``/``sgd`` (Keras decays decoupled: use ``adamw``), ``grad_accum``
-> 1, ``precision`` other than fp32, ``compile``, ``nonfinite.policy`` other than
-``raise``, multi-process runs.
+> 1, ``data_workers`` > 0, ``precision`` other than fp32, ``compile``,
+``nonfinite.policy`` other than ``raise``, multi-process runs.
 """
 
 from __future__ import annotations

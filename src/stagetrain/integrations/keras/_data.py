@@ -41,27 +41,22 @@ class StageDataset(keras.utils.PyDataset):
 
     Each item is exactly the batch stagetrain's own loop trains on at that stage step
     (``Stage.batch``, the sampler's indices truncated to the stage's ``seq_len``), as
-    NumPy arrays. Items are a pure function of the index, so Keras may prefetch them in
-    worker threads; they must not be shuffled (``fit(..., shuffle=False)``, which
-    :func:`~stagetrain.integrations.keras.fit_keras` passes).
+    NumPy arrays. They must not be shuffled (``fit(..., shuffle=False)``, which
+    :func:`~stagetrain.integrations.keras.fit_keras` passes). Batches are prepared in
+    the training process: with worker threads, Keras 3.15's enqueuer replays the batches
+    it prefetched while ``fit`` peeks at the first one.
 
     Args:
         stage: a built stage of a :class:`~stagetrain.Curriculum`.
         start: the first stage step (a resumed stage starts past 0).
         rank: this process's rank (for a data-parallel split of the batch).
         world_size: number of processes sharing each global batch.
-        **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of
-            ``keras.utils.PyDataset``.
     """
 
-    def __init__(
-        self, stage: Stage, start: int = 0, *, rank: int = 0, world_size: int = 1, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, stage: Stage, start: int = 0, *, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
         if not 0 <= start <= stage.steps:
             raise ValueError(f"start {start} outside stage {stage.name!r}'s {stage.steps} steps")
-        # Built now: worker threads would otherwise race to build the sampler on first use.
-        _ = stage.sampler
         self.stage = stage
         self.start = start
         self.rank = rank

@@ -165,6 +165,7 @@ def check_supported(curriculum: Curriculum) -> None:
     Raises:
         ConfigError: for ``teacher`` / ``kl_distill``, ``precision`` other than fp32,
             ``compile``, ``grad_accum`` > 1, a ``nonfinite.policy`` other than ``raise``,
+            ``data_workers`` > 0,
             optimizer settings Keras cannot honour, evaluation losses other than
             ``cross_entropy``/``mse``, or a multi-process launch.
     """
@@ -195,6 +196,14 @@ def check_supported(curriculum: Curriculum) -> None:
             "model: the config's model section is ignored by fit_keras (it trains the Keras "
             "model passed to it)",
             stacklevel=3,
+        )
+    if config.data_workers:
+        # Keras 3.15's threaded PyDataset enqueuer replays the batches it prefetched while
+        # model.fit peeks at the first one (measured: steps 1-11, then 0, 1, ...).
+        raise ConfigError(
+            f"data_workers: {config.data_workers} worker threads would reorder the batches "
+            "in Keras' PyDataset enqueuer; fit_keras prepares batches in the training "
+            "process (data_workers: 0)"
         )
     if config.pin_memory:
         warnings.warn("pin_memory: ignored by fit_keras", stacklevel=3)
@@ -466,9 +475,7 @@ class _Run:
                 field=f"stages[{stage.index}].advance.min_duration",
             )
         if self.state.stage_step < stage.steps:
-            data = StageDataset(
-                stage, self.state.stage_step, workers=max(self.config.data_workers, 1)
-            )
+            data = StageDataset(stage, self.state.stage_step)
             hooks = _StepHooks(self, stage)
             self.model.fit(
                 data,

@@ -1,17 +1,10 @@
 """Stage losses as Keras losses, with the semantics of stagetrain's built-in loss names.
 
-=================== ============================================== =========================
-stagetrain name     Keras loss                                     target handling
-=================== ============================================== =========================
-``cross_entropy``   ``SparseCategoricalCrossentropy(from_logits=True, integer classes ``[...]`` of
-                    ignore_class=-100)``                           logits ``[..., C]``; -100
-                                                                   is ignored, as in torch
-``mse``             ``MeanSquaredError()``                         cast and reshaped to the
-                                                                   output's shape
-``bce_with_logits`` ``BinaryCrossentropy(from_logits=True)``       cast and reshaped
-``hinge``           ``Hinge()``                                    cast and reshaped; 0/1
-                                                                   labels become -1/+1
-=================== ============================================== =========================
+* ``cross_entropy``: ``SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100)``
+  on integer classes ``[...]`` and logits ``[..., C]``; -100 is ignored, as in torch.
+* ``mse``: ``MeanSquaredError()``, the target cast and reshaped to the output's shape.
+* ``bce_with_logits``: ``BinaryCrossentropy(from_logits=True)``, target cast and reshaped.
+* ``hinge``: ``Hinge()``, target cast and reshaped; 0/1 labels become -1/+1.
 
 Every one is a mean over all elements (over the non-ignored positions for
 ``cross_entropy``), as ``torch.nn.functional`` computes it. A stage's terms are summed
