@@ -39,8 +39,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int]]]:
     seen: list[list[tuple[int, int]]] = []
     original = CurriculumDataset.__getitems__
 
-    def recording(self: CurriculumDataset, keys: list[tuple[int, int]]) -> Any:
-        seen.append(list(keys))
+    def recording(self: CurriculumDataset, keys: Any) -> Any:
+        seen.append([(keys.stage, int(i)) for i in keys.indices])
         return original(self, keys)
 
     monkeypatch.setattr(CurriculumDataset, "__getitems__", recording)

@@ -18,7 +18,7 @@ from stagetrain.config import (
     load_config,
     parse_config,
 )
-from stagetrain.curriculum import Curriculum, Stage, StepInfo, TrainState
+from stagetrain.curriculum import Curriculum, Stage, StepInfo
 from stagetrain.data import TensorPairDataset
 from stagetrain.errors import (
     CheckpointError,
@@ -27,14 +27,16 @@ from stagetrain.errors import (
     StageTrainError,
     TrainingError,
 )
-from stagetrain.handoff import apply_freeze, apply_handoff
-from stagetrain.loop import FitResult, RunContext, fit
+from stagetrain.handoff import apply_freeze, apply_handoff, enter_stage
 from stagetrain.plan import Plan, make_plan
+from stagetrain.state import TrainState
 from stagetrain.time import Duration, TimeContext, TimeUnit
+from stagetrain.train import Callback, Engine, FitResult, RunContext, TorchEngine, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "CheckpointStore",
     "ConfigError",
@@ -43,6 +45,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "Duration",
+    "Engine",
     "EvalConfig",
     "FitResult",
     "LossTerm",
@@ -58,11 +61,13 @@ __all__ = [
     "TensorPairDataset",
     "TimeContext",
     "TimeUnit",
+    "TorchEngine",
     "TrainState",
     "TrainingError",
     "__version__",
     "apply_freeze",
     "apply_handoff",
+    "enter_stage",
     "fit",
     "load_checkpoint",
     "load_config",

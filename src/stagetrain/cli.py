@@ -22,9 +22,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from stagetrain import fit
     from stagetrain.config import load_config
     from stagetrain.curriculum import Curriculum
-    from stagetrain.loop import fit
 
     config = load_config(args.config)
     if args.seed is not None:

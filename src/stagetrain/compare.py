@@ -60,10 +60,12 @@ class TargetMetric:
             raise ConfigError("evals: compare needs at least one curriculum-level evaluation")
         if text is None:
             first = config.evals[0]
-            return cls(first.name, "accuracy" if "accuracy" in first.metrics else "loss")
+            keys = first.produced_keys() or []
+            return cls(first.name, "accuracy" if f"{first.name}.accuracy" in keys else "loss")
         name, _, key = text.rpartition(".")
-        if name not in evals or key not in evals[name].metrics:
-            produced = [f"{e.name}.{m}" for e in config.evals for m in e.metrics]
+        produced = [k for e in config.evals for k in (e.produced_keys() or [])]
+        custom = any(e.produced_keys() is None for e in config.evals)
+        if name not in evals or (text not in produced and not custom):
             raise ConfigError(f"metric: no evaluation produces {text!r}; available: {produced}")
         return cls(name, key)
 

@@ -70,6 +70,16 @@ class RunLogger:
             else:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
 
+    def truncate(self, lines: int) -> None:
+        """Drop every record after the first ``lines`` (a rollback returns to a checkpoint)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        kept = self.path.read_text().splitlines()[:lines]
+        atomic_write_text(self.path, "".join(x + "\n" for x in kept))
+        self.lines = len(kept)
+        self._file = self.path.open("a")
+
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (flushed at once so that a kill loses at most this line)."""
         if not self.enabled:

@@ -87,16 +87,29 @@ def call_factory(
 def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
     """Build the ``nn.Module`` a :class:`~stagetrain.config.ModelConfig` declares.
 
-    The factory runs under ``torch.manual_seed(seed)`` so initial weights follow the
-    seed; ``weights`` (a state_dict file or ``.safetensors``) is then loaded safely.
+    The factory runs with every global generator seeded by ``seed`` (and receives
+    ``seed`` when it takes one), so initial weights follow the seed; ``weights`` (a
+    state_dict file or ``.safetensors``) is then loaded safely.
     """
+    import inspect
+
     import torch
+
+    from stagetrain.seeding import seeded
 
     factory = resolve_factory(
         builtin=cfg.builtin, factory=cfg.factory, table=BUILTIN_MODELS, field=field, kind="model"
     )
-    torch.manual_seed(seed)
-    model = call_factory(factory, cfg.args, error=ConfigError, what=f"{field}: building the model")
+    args = dict(cfg.args)
+    try:
+        takes_seed = "seed" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_seed = False
+    if takes_seed and "seed" not in args:
+        args["seed"] = seed
+    torch.manual_seed(seed)  # the model's own draws follow the seed (kept for callers)
+    with seeded(seed):
+        model = call_factory(factory, args, error=ConfigError, what=f"{field}: building the model")
     if not isinstance(model, torch.nn.Module):
         raise StageTrainError(f"{field}: the factory returned {type(model).__name__}, not a Module")
     if cfg.weights is not None:
