@@ -37,7 +37,16 @@ if keras.backend.backend() != "torch":
 
 from keras_script import RecordLR, mlp
 
-from stagetrain import CheckpointError, ConfigError, Curriculum, TrainingError, fit, parse_config
+from stagetrain import (
+    CheckpointError,
+    ConfigError,
+    Curriculum,
+    DataError,
+    StageTrainError,
+    TrainingError,
+    fit,
+    parse_config,
+)
 from stagetrain.checkpoint import CheckpointStore, load_checkpoint
 from stagetrain.data import TensorPairDataset
 from stagetrain.integrations.keras import (
@@ -46,6 +55,7 @@ from stagetrain.integrations.keras import (
     StageDataset,
     StageKerasLoss,
     apply_keras_freeze,
+    batch_to_numpy,
     build_keras_optimizer,
     fit_keras,
     keras_stage_loss,
@@ -126,6 +136,16 @@ class RecordInputs(keras.layers.Layer):
         return x
 
 
+def test_batches_other_than_pairs_are_refused() -> None:
+    parts = (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2))
+    with pytest.raises(
+        DataError, match=r"the Keras adapter trains on \(inputs, targets\) pairs, got a tuple of 3"
+    ):
+        batch_to_numpy(parts)
+    with pytest.raises(DataError, match="got dict"):
+        batch_to_numpy({"input_ids": parts[0], "labels": parts[2]})
+
+
 def test_fit_trains_on_exactly_the_curriculum_batches_in_order(tmp_path: Path) -> None:
     config = keras_config()
     config["stages"][1]["data"]["replay"] = 0.25  # a mixture with the first stage's data
@@ -158,6 +178,10 @@ def reference_run(config: dict[str, Any], model: Any) -> list[np.ndarray]:
                     learning_rate=opt.lr, weight_decay=opt.weight_decay, beta_1=opt.betas[0],
                     beta_2=opt.betas[1], epsilon=opt.eps, global_clipnorm=opt.grad_clip,
                 )  # fmt: skip
+                if opt.weight_decay > 0:  # stagetrain's default no_decay: fewer than 2 dims
+                    optimizer.exclude_from_weight_decay(
+                        var_list=[v for v in trainable if len(v.shape) < 2]
+                    )
                 optimizer.build(trainable)
             else:  # carry / rewarm: the kept optimizer takes the stage's hyperparameters
                 optimizer.beta_1, optimizer.beta_2 = opt.betas
@@ -248,7 +272,8 @@ def test_logs_match_stagetrain_fit_record_for_record(tmp_path: Path) -> None:
     # ...and the optimizer really used them (its LR variable is float32).
     assert np.array_equal(np.float32(recorder.lrs), np.float32([r["lr"] for r in train]))
     assert all(np.isfinite(r["loss"]) for r in train)
-    assert set(train[0]) == set(theirs[0])  # same fields in every train record
+    # Same fields in every train record, but the gradient norm (Keras' fit does not show it).
+    assert set(train[0]) == set(theirs[0]) - {"grad_norm"}
 
 
 def test_curriculum_lr_callback_sets_every_step(tmp_path: Path) -> None:
@@ -381,42 +406,68 @@ def test_a_user_callback_stopping_training_leaves_a_resumable_run(tmp_path: Path
 # --- losses ----------------------------------------------------------------------------------
 
 
-def torch_reference(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if name in BUILTIN_LOSS_FNS:
-        return BUILTIN_LOSS_FNS[name](output, target)
-    # Names not (yet) among stagetrain's torch losses: their torch definitions.
-    t = target.to(output.dtype).reshape(output.shape)
-    if name == "bce_with_logits":
-        return F.binary_cross_entropy_with_logits(output, t)
-    assert name == "hinge"
-    signs = torch.where(t == 0, -1.0, t)
-    return torch.clamp(1 - signs * output, min=0).mean()
+def _classes(
+    g: torch.Generator, shape: tuple[int, ...], classes: int, ignored: float = 0.0
+) -> torch.Tensor:
+    labels = torch.randint(0, classes, shape, generator=g)
+    return torch.where(torch.rand(shape, generator=g) < ignored, -100, labels)
 
 
-LOSS_CASES = {
-    "cross_entropy": ((6, 5), lambda g: torch.randint(0, 5, (6,), generator=g)),
-    "cross_entropy/sequence+ignored": (
+# name -> (output shape, target maker, args)
+LOSS_CASES: dict[str, tuple[tuple[int, ...], Any, dict[str, Any]]] = {
+    "cross_entropy": ((6, 5), lambda g: _classes(g, (6,), 5), {}),
+    "cross_entropy/sequence+ignored": ((3, 4, 7), lambda g: _classes(g, (3, 4), 7, 0.3), {}),
+    "cross_entropy/label_smoothing": (
         (3, 4, 7),
-        lambda g: torch.where(
-            torch.rand(3, 4, generator=g) < 0.3, -100, torch.randint(0, 7, (3, 4), generator=g)
-        ),
+        lambda g: _classes(g, (3, 4), 7, 0.3),
+        {"label_smoothing": 0.1},
     ),
-    "mse": ((6, 1), lambda g: torch.randn(6, generator=g)),  # target reshaped to the output
-    "bce_with_logits": ((6, 3), lambda g: torch.randint(0, 2, (6, 3), generator=g)),
-    "hinge": ((6, 1), lambda g: torch.randint(0, 2, (6,), generator=g)),  # 0/1 labels
+    "cross_entropy/ignore_index": (
+        (6, 5),
+        lambda g: torch.tensor([0, 1, 2, 3, 4, 0]),
+        {"ignore_index": 0},
+    ),
+    "nll/ignored": ((3, 4, 7), lambda g: _classes(g, (3, 4), 7, 0.3), {}),
+    "bce_with_logits/one logit": ((6, 1), lambda g: torch.randint(0, 2, (6,), generator=g), {}),
+    "bce_with_logits/labels+ignored": ((6, 3), lambda g: _classes(g, (6, 3), 2, 0.3), {}),
+    "hinge/binary 0-1": ((6, 1), lambda g: torch.randint(0, 2, (6,), generator=g), {}),
+    "hinge/binary signs+ignored": (
+        (8,),
+        lambda g: torch.tensor([1, -1, -1, 1, -100, 1, -1, 1]),
+        {"margin": 0.5},
+    ),
+    "hinge/multi-class": ((3, 4, 5), lambda g: _classes(g, (3, 4), 5, 0.3), {"margin": 2.0}),
+    "mse": ((6, 1), lambda g: torch.randn(6, generator=g), {}),  # target reshaped to the output
+    "l1": ((6, 2), lambda g: torch.randn(6, 2, generator=g), {}),
+    "smooth_l1": ((6, 2), lambda g: 2 * torch.randn(6, 2, generator=g), {"beta": 0.5}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(LOSS_CASES))
-def test_keras_losses_have_the_torch_semantics(case: str) -> None:
+def test_keras_losses_equal_stagetrain_losses(case: str) -> None:
+    """The Keras version of each built-in against stagetrain's torch function."""
     name = case.split("/")[0]
-    shape, make_target = LOSS_CASES[case]
+    shape, make_target, args = LOSS_CASES[case]
     g = torch.Generator().manual_seed(0)
     output = torch.randn(*shape, generator=g)
+    if name == "nll":
+        output = torch.log_softmax(output, dim=-1)
     target = make_target(g)
-    loss = StageKerasLoss([(name, 1.0)])
+    loss = StageKerasLoss([(name, 1.0, args)])
     value = float(keras.ops.convert_to_numpy(loss(target.numpy(), output.numpy())))
-    assert value == pytest.approx(float(torch_reference(name, output, target)), rel=1e-5)
+    expected = float(BUILTIN_LOSS_FNS[name](output, target, **args))
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_every_keras_loss_is_a_stagetrain_builtin() -> None:
+    assert set(KERAS_LOSSES) == set(BUILTIN_LOSS_FNS) - {"kl_distill", "model"}
+    assert {c.split("/")[0] for c in LOSS_CASES} == set(KERAS_LOSSES)  # each one checked
+
+
+def test_cross_entropy_refuses_one_logit() -> None:
+    loss = StageKerasLoss([("cross_entropy", 1.0, {})])
+    with pytest.raises(ConfigError, match="one logit per sample"):
+        loss(np.array([0, 1]), np.zeros((2, 1), dtype="float32"))
 
 
 def test_weighted_terms_are_summed() -> None:
@@ -435,7 +486,6 @@ def test_weighted_terms_are_summed() -> None:
         BUILTIN_LOSS_FNS["cross_entropy"](torch.from_numpy(output), torch.from_numpy(target))
     )
     assert value == pytest.approx(2.25 * single, rel=1e-5)
-    assert set(KERAS_LOSSES) == {"cross_entropy", "mse", "bce_with_logits", "hinge"}
 
 
 def test_losses_without_a_keras_counterpart_are_refused_or_overridden(tmp_path: Path) -> None:
@@ -443,12 +493,13 @@ def test_losses_without_a_keras_counterpart_are_refused_or_overridden(tmp_path: 
     config["stages"][1]["loss"] = "helpers_for_tests:by_first_feature"
     with pytest.raises(
         ConfigError,
-        match=r"stages\[1\]\.loss\[0\]\.name: 'helpers_for_tests:by_first_feature' has no Keras equivalent .*fit_keras\(losses=\{'target': <a keras.losses.Loss>\}\)",
+        match=r"stages\[1\]\.loss\[0\]\.name: 'helpers_for_tests:by_first_feature' has no Keras version in the Keras adapter .*fit_keras\(losses=\{'target': <a keras.losses.Loss>\}\)",
     ):
         run_keras(config, tmp_path / "a")
-    config["stages"][1]["loss"] = {"name": "cross_entropy", "args": {"label_smoothing": 0.1}}
+    config["stages"][1]["loss"] = {"name": "cross_entropy", "args": {"reduction": "sum"}}
     with pytest.raises(
-        ConfigError, match=r"stages\[1\]\.loss\[0\]\.args: loss arguments are not mapped"
+        ConfigError,
+        match=r"stages\[1\]\.loss\[0\]\.args: \['reduction'\] not supported by the Keras version of cross_entropy \(it takes \['ignore_index', 'label_smoothing'\]\)",
     ):
         run_keras(config, tmp_path / "b")
     smoothed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
@@ -507,8 +558,24 @@ def set_path(config: dict[str, Any], path: str, value: Any) -> None:
         ("stages.0.optimizer.weight_decay", 0.1, None),  # allowed: adamw
         (
             "evals.0.loss",
-            "kl_distill",
-            r"evals\[test\]\.loss: 'kl_distill' is not an evaluation loss of fit_keras",
+            "model",
+            r"evals\[0\]\.loss: 'model' \(the model's own loss\) is not available from a Keras model",
+        ),
+        ("evals.0.loss", "hinge", None),  # computed by stagetrain's own evaluation code
+        (
+            "stages.0.optimizer.name",
+            "rmsprop",
+            r"stages\[0\]\.optimizer\.name: 'rmsprop' is not supported by the Keras adapter \(one of \['adam', 'adamw', 'sgd'\]\)",
+        ),
+        (
+            "stages.0.optimizer.kwargs",
+            {"amsgrad": True},
+            r"stages\[0\]\.optimizer\.kwargs: \['amsgrad'\] not supported for Keras adamw",
+        ),
+        (
+            "batch",
+            {"forward": "helpers_for_tests:by_first_feature"},
+            r"batch\.forward: a torch forward function cannot call a Keras model",
         ),
     ],
 )
@@ -532,6 +599,29 @@ def test_coupled_weight_decay_is_refused(tmp_path: Path) -> None:
         match=r"stages\[0\]\.optimizer\.weight_decay: adam adds weight decay to the gradient \(L2\) in stagetrain, Keras decays decoupled; use name: adamw",
     ):
         run_keras(config, tmp_path / "r")
+
+
+@pytest.mark.parametrize(
+    ("no_decay", "decayed"),
+    [
+        (None, ["mlp/hidden0/kernel", "mlp/head/kernel"]),
+        ([], "all"),
+        (["*head*"], ["mlp/hidden0/kernel", "mlp/hidden0/bias"]),
+    ],
+)
+def test_no_decay_picks_the_variables_weight_decay_skips(
+    no_decay: list[str] | None, decayed: Any
+) -> None:
+    config = keras_config()
+    config["stages"][0]["optimizer"] = {"name": "adamw", "weight_decay": 0.1, "no_decay": no_decay}
+    cfg = parse_config(config).stages[0].optimizer
+    model = new_model()
+    optimizer = build_keras_optimizer(cfg, model.trainable_weights)
+    paths = [v.path for v in model.trainable_weights]
+    # Keras' own test of whether a variable decays, the one its update step uses.
+    assert [v.path for v in model.trainable_weights if optimizer._use_weight_decay(v)] == (
+        paths if decayed == "all" else decayed
+    )
 
 
 def test_a_kept_sgd_cannot_gain_momentum(tmp_path: Path) -> None:
@@ -606,9 +696,11 @@ def test_resume_refusals(tmp_path: Path) -> None:
     config = keras_config()
     run_keras(config, tmp_path / "r")
     with pytest.raises(
-        CheckpointError, match=r"holds checkpoints of an earlier run; pass resume=True"
+        StageTrainError, match=r"already holds a run .*pass --resume \(resume=True\)"
     ):
         run_keras(config, tmp_path / "r")
+    _, again = run_keras(config, tmp_path / "r", overwrite=True)  # the old files moved aside
+    assert again.state.step == 70 and list((tmp_path / "r").glob(".replaced-*/checkpoints"))
     changed = keras_config()
     changed["stages"][1]["duration"] = "50ba"
     with pytest.raises(
@@ -616,6 +708,13 @@ def test_resume_refusals(tmp_path: Path) -> None:
         match=r"the curriculum changed since the checkpoint: stages\[1\]\.duration: '40ba' -> '50ba'",
     ):
         run_keras(changed, tmp_path / "r", resume=True)
+    with pytest.raises(RuntimeError, match="crash"):
+        run_keras(config, tmp_path / "cut", callbacks=[Crash(55)])
+    _, longer = run_keras(changed, tmp_path / "cut", resume=True, on_change="keep-position")
+    assert [(s.stage, s.start, s.end) for s in longer.timeline] == [
+        ("easy", 0, 30),
+        ("target", 30, 80),
+    ]
     with pytest.raises(CheckpointError, match="no such run directory to resume"):
         run_keras(config, tmp_path / "absent", resume=True)
     curriculum = Curriculum(parse_config(tiny_config_dict()))

@@ -10,11 +10,13 @@ Install ``stagetrain[keras]`` and choose the backend as Keras does (``KERAS_BACK
   before every batch), :func:`keras_stage_loss`, :func:`build_keras_optimizer` /
   :func:`update_keras_optimizer` (the hand-off) and :func:`apply_keras_freeze`.
 
-Refused, each with an error naming the field: ``teacher`` / ``kl_distill``, loss
-import paths and loss ``args`` (pass ``fit_keras(losses=...)``), ``lr_multipliers``,
+Refused, each with an error naming the field: ``teacher`` / ``kl_distill``, ``model``
+losses, loss import paths, callables and arguments without a Keras version (pass
+``fit_keras(losses=...)``), optimizers other than adam / adamw / sgd, ``lr_multipliers``,
 weight decay on ``adam``/``sgd`` (Keras decays decoupled: use ``adamw``), ``grad_accum``
-> 1, ``data_workers`` > 0, ``precision`` other than fp32, ``compile``,
-``nonfinite.policy`` other than ``raise``, multi-process runs.
+> 1, ``data_workers`` > 0, ``precision`` other than fp32, ``compile``, ``batch.forward``,
+batches other than ``(inputs, targets)`` pairs, ``nonfinite.policy`` other than
+``raise``, multi-process runs.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import torch
 
 from stagetrain.curriculum import Stage
 from stagetrain.errors import DataError
+from stagetrain.modelio import count_tokens
 
 
 def to_numpy(value: Any) -> Any:
@@ -29,10 +30,10 @@ def to_numpy(value: Any) -> Any:
 def batch_to_numpy(batch: Any, *, field: str = "batch") -> tuple[Any, Any]:
     """A stagetrain ``(inputs, targets)`` batch as Keras' ``(x, y)`` NumPy pair."""
     if not isinstance(batch, tuple | list) or len(batch) != 2:
-        raise DataError(
-            f"{field}: the Keras adapter trains on (inputs, targets) pairs, "
-            f"got {type(batch).__name__}"
-        )
+        kind = type(batch).__name__
+        if isinstance(batch, tuple | list):
+            kind = f"a {kind} of {len(batch)}"
+        raise DataError(f"{field}: the Keras adapter trains on (inputs, targets) pairs, got {kind}")
     return to_numpy(batch[0]), to_numpy(batch[1])
 
 
@@ -61,6 +62,8 @@ class StageDataset(keras.utils.PyDataset):
         self.start = start
         self.rank = rank
         self.world_size = world_size
+        self.real_tokens: dict[int, int] = {}
+        """Non-padding tokens of each fetched stage step (token batches only)."""
 
     def __len__(self) -> int:
         return self.stage.steps - self.start
@@ -70,4 +73,7 @@ class StageDataset(keras.utils.PyDataset):
             raise IndexError(f"index {index} outside {len(self)} steps")
         step = self.start + index
         batch = self.stage.batch(step, self.rank, self.world_size)
+        tokens = count_tokens(batch, self.stage.io)
+        if tokens is not None:
+            self.real_tokens[step] = int(tokens)
         return batch_to_numpy(batch, field=f"stage {self.stage.name!r} step {step}")

@@ -31,15 +31,15 @@ import yaml
 from stagetrain.advance import AdvanceDecision, check_advance
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text, rng_state, set_rng_state
 from stagetrain.config import (
+    AdvanceConfig,
     CurriculumConfig,
     EvalConfig,
-    OptimizerConfig,
-    config_diff,
     load_config,
 )
-from stagetrain.curriculum import Curriculum, Stage, TrainState
+from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.errors import CheckpointError, ConfigError, TrainingError
-from stagetrain.evaluation import evaluate, finalize_metrics
+from stagetrain.evaluation import build_eval, evaluate_sums, finalize
+from stagetrain.handoff import builds_optimizer
 from stagetrain.integrations.keras._data import StageDataset, to_numpy
 from stagetrain.integrations.keras._losses import BatchLoss, stage_losses
 from stagetrain.integrations.keras._optim import (
@@ -51,8 +51,11 @@ from stagetrain.integrations.keras._optim import (
 )
 from stagetrain.integrations.keras._state import capture_variables, restore_variables
 from stagetrain.logs import METRICS_FILE, RunLogger, read_records
-from stagetrain.losses import BUILTIN_LOSS_FNS
-from stagetrain.time import Duration, TimeUnit
+from stagetrain.state import TrainState
+from stagetrain.time import Counters, Duration, Interval
+from stagetrain.train import resume as resuming
+from stagetrain.train import rundir
+from stagetrain.train.resume import OnChange
 
 FRAMEWORK = "keras"
 _BATCH_LOSS = "stagetrain_loss"
@@ -90,6 +93,8 @@ def fit_keras(
     *,
     run_dir: str | Path,
     resume: bool = False,
+    on_change: OnChange = "refuse",
+    overwrite: bool = False,
     datasets: Mapping[str, Any] | None = None,
     losses: Mapping[str, Any] | None = None,
     callbacks: Sequence[Any] = (),
@@ -118,6 +123,10 @@ def fit_keras(
         curriculum: a built :class:`~stagetrain.Curriculum`, a config, or a YAML/TOML path.
         run_dir: where config, logs and checkpoints go.
         resume: continue from the newest intact checkpoint in ``run_dir``.
+        on_change: when the curriculum differs from the checkpoint's, as in
+            :func:`stagetrain.fit`: ``refuse``, ``keep-position`` or ``restart-stage``.
+        overwrite: start a fresh run in a ``run_dir`` that holds one (its files are moved
+            aside, as ``stagetrain.fit(overwrite=True)`` does).
         datasets: in-memory datasets named ``"@name"`` in the config.
         losses: a ``keras.losses.Loss`` per stage name, replacing that stage's ``loss``
             (for losses without a Keras counterpart in the adapter).
@@ -134,6 +143,7 @@ def fit_keras(
         ConfigError: for a setting the Keras adapter refuses (named in the message).
         CheckpointError: for a resume that cannot continue (no checkpoint, another
             curriculum, another backend).
+        StageTrainError: for a fresh run into a directory holding a run.
         TrainingError: on a non-finite loss.
     """
     if not isinstance(curriculum, Curriculum):
@@ -150,9 +160,11 @@ def fit_keras(
         progress=progress,
         jit_compile=jit_compile,
     )
-    run.start(resume=resume, tensorboard=tensorboard)
     try:
-        status = run.run()
+        fresh = run.start(
+            resume=resume, overwrite=overwrite, on_change=on_change, tensorboard=tensorboard
+        )
+        status = run.run() if fresh else "completed"
     finally:
         run.close()
     records = read_records(Path(run_dir) / METRICS_FILE)
@@ -165,9 +177,8 @@ def check_supported(curriculum: Curriculum) -> None:
     Raises:
         ConfigError: for ``teacher`` / ``kl_distill``, ``precision`` other than fp32,
             ``compile``, ``grad_accum`` > 1, a ``nonfinite.policy`` other than ``raise``,
-            ``data_workers`` > 0,
-            optimizer settings Keras cannot honour, evaluation losses other than
-            ``cross_entropy``/``mse``, or a multi-process launch.
+            ``data_workers`` > 0, optimizer settings Keras cannot honour, ``batch.forward``,
+            an evaluation loss ``model``, or a multi-process launch.
     """
     config = curriculum.config
     if config.teacher is not None:
@@ -215,12 +226,17 @@ def check_supported(curriculum: Curriculum) -> None:
             )
         assert stage.config.optimizer is not None
         check_keras_optimizer(stage.config.optimizer, field=f"{field}.optimizer")
-    evals = [*config.evals, *(ev for s in config.stages for ev in s.evals)]
-    for ev in evals:
-        if ev.loss not in BUILTIN_LOSS_FNS or ev.loss == "kl_distill":
+    if config.batch.forward is not None:
+        raise ConfigError(
+            "batch.forward: a torch forward function cannot call a Keras model; fit_keras "
+            "calls model(inputs) on (inputs, targets) batches"
+        )
+    for ev in [*config.evals, *(ev for s in config.stages for ev in s.evals)]:
+        eval_set = build_eval(curriculum, ev)  # the config's errors, before training
+        if ev.loss.name == "model":
             raise ConfigError(
-                f"evals[{ev.name}].loss: {ev.loss!r} is not an evaluation loss of fit_keras "
-                "(cross_entropy or mse)"
+                f"{eval_set.field}.loss: 'model' (the model's own loss) is not available "
+                "from a Keras model; use a loss such as cross_entropy"
             )
 
 
@@ -234,27 +250,6 @@ def timeline(records: Sequence[Mapping[str, Any]]) -> list[StageSpan]:
             start = spans[-1].start
             spans[-1] = StageSpan(record["stage"], start, record["step"], record["reason"])
     return spans
-
-
-class _Every:
-    """'Every N units' as a crossing test on the run's counters (as in stagetrain's loop).
-
-    Steps, samples and tokens count over the whole run; epochs and fractions per stage.
-    """
-
-    def __init__(self, text: str | None) -> None:
-        self.duration = Duration.parse(text, field="every") if text else None
-
-    def due(self, before: tuple[int, int, int], after: TrainState, stage: Stage) -> bool:
-        if self.duration is None:
-            return False
-        counters = {TimeUnit.STEP: 0, TimeUnit.SAMPLE: 1, TimeUnit.TOKEN: 2}
-        unit = self.duration.unit
-        if unit in counters:
-            now = (after.step, after.samples, after.tokens)[counters[unit]]
-            every = self.duration.value
-            return math.floor(now / every) > math.floor(before[counters[unit]] / every)
-        return after.stage_step % stage.context.to_steps(self.duration, field="every") == 0
 
 
 class _KerasAsModule(torch.nn.Module):
@@ -315,20 +310,28 @@ class _Run:
         self.store = CheckpointStore(run_dir / "checkpoints", keep=self.config.checkpoint.keep)
         self.state = TrainState()
         self.optimizer: Any = None
-        self.optimizer_config: OptimizerConfig | None = None
-        """The config the current optimizer was built from (the first or a 'reset' stage)."""
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.last_eval_step: dict[str, int] = {}
-        self._eval_data: dict[str, Any] = {}
+        self._eval_data: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._lr = 0.0
+        self._data: StageDataset | None = None
+        self._meter: list[float] = []
+        """The losses of the steps since the last ``train`` record."""
+        self._meter_started = time.perf_counter()
         self._t0 = time.perf_counter()
         self._elapsed_base = 0.0
         self.logger: RunLogger | None = None
+        self.trainable: list[Any] = []
 
     # --- setup ------------------------------------------------------------------------
 
-    def start(self, *, resume: bool, tensorboard: bool) -> None:
-        """Build the model's variables, restore a checkpoint if resuming, open the log."""
+    def start(
+        self, *, resume: bool, overwrite: bool, on_change: OnChange, tensorboard: bool
+    ) -> bool:
+        """Build the model's variables, restore a checkpoint if resuming, open the log.
+
+        Returns False when the run directory holds this run, already completed.
+        """
         _build(self.model, self.curriculum.stages[0])
         # The variables any stage may train; those the user froze before stay frozen.
         self.trainable = list(self.model.trainable_weights)
@@ -336,18 +339,18 @@ class _Run:
         if resume:
             if not self.run_dir.is_dir():
                 raise CheckpointError(f"{self.run_dir}: no such run directory to resume")
-            payload, _entry = self.store.load_latest()
-            self._restore(payload)
+            payload, entry = self.store.load_latest()
+            self._restore(payload, str(self.run_dir / "checkpoints" / entry.file), on_change)
+            if self.state.stage_index >= len(self.curriculum.stages):
+                return False  # a completed run: resuming it changes nothing
             resume_lines = int(payload["log_lines"])
-        elif self.store.entries():
-            raise CheckpointError(
-                f"{self.run_dir}: holds checkpoints of an earlier run; pass resume=True to "
-                "continue it, or use a new run directory"
-            )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            rundir.check_fresh(self.run_dir, overwrite=overwrite)
+        rundir.check_writable(self.run_dir)
         atomic_write_text(
             self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False)
         )
+        (self.run_dir / rundir.SUMMARY).unlink(missing_ok=True)
         self.logger = RunLogger(
             self.run_dir,
             resume_lines=resume_lines,
@@ -356,29 +359,26 @@ class _Run:
         )
         self._t0 = time.perf_counter()
         self._elapsed_base = self.state.elapsed_s
+        return True
 
-    def _restore(self, payload: dict[str, Any]) -> None:
+    def _restore(self, payload: dict[str, Any], where: str, on_change: OnChange) -> None:
         if payload.get("framework") != FRAMEWORK:
-            raise CheckpointError(
-                f"{self.run_dir}: the checkpoint was written by stagetrain.fit, not fit_keras"
-            )
+            raise CheckpointError(f"{where}: written by stagetrain.fit, not fit_keras")
         if payload["backend"] != keras.backend.backend():
             raise CheckpointError(
-                f"{self.run_dir}: the checkpoint was written on the Keras {payload['backend']} "
-                f"backend; this process runs {keras.backend.backend()}"
+                f"{where}: written on the Keras {payload['backend']} backend; this process "
+                f"runs {keras.backend.backend()}"
             )
-        if payload["fingerprint"] != self.config.fingerprint():
-            changes = config_diff(json.loads(payload["config"]), self.config.fingerprint_dict())
-            raise CheckpointError(
-                "the curriculum changed since the checkpoint: " + "; ".join(changes[:20])
-            )
+        # stagetrain's own rules: a changed curriculum is refused unless on_change says how.
+        self.state = resuming.check_resume(payload, self.curriculum, on_change)
         saved = payload["keras"]
         restore_variables(self.model.variables, saved["model"], what="model")
-        self.optimizer_config = OptimizerConfig.model_validate(saved["optimizer_config"])
-        self.optimizer = build_keras_optimizer(self.optimizer_config, self.trainable)
+        # The optimizer as the stage that built it (the first or a 'reset' stage) made it.
+        builder = self.curriculum.stages[resuming.optimizer_builder(self.curriculum, self.state)]
+        assert builder.config.optimizer is not None
+        self.optimizer = build_keras_optimizer(builder.config.optimizer, self.trainable)
         restore_variables(self.optimizer.variables, saved["optimizer"], what="optimizer")
         set_rng_state(payload["rng"])
-        self.state = TrainState.from_dict(payload["state"])
         self.last_metrics = json.loads(payload["metrics"])
         self.last_eval_step = dict(payload["last_eval_step"])
 
@@ -430,11 +430,17 @@ class _Run:
         field = f"stages[{stage.index}].optimizer"
         if self.state.stage_step == 0:
             self.state.plateau_best, self.state.plateau_waits = None, 0
-            if self.optimizer is None or stage.index == 0 or cfg.handoff == "reset":
+            if self.optimizer is None or builds_optimizer(cfg, stage.index):
                 self.optimizer = build_keras_optimizer(cfg.optimizer, self.trainable, field=field)
-                self.optimizer_config = cfg.optimizer
+                self.state.optimizer_stage = stage.index
             else:
                 update_keras_optimizer(self.optimizer, cfg.optimizer, field=field)
+            self.state.stage_start = {
+                "step": self.state.step,
+                "samples": self.state.samples,
+                "tokens": self.state.tokens,
+                "real_tokens": self.state.real_tokens,
+            }
             self._log(
                 self._record(
                     "stage_start",
@@ -463,10 +469,10 @@ class _Run:
     def _train_stage(self, stage: Stage) -> AdvanceDecision | None:
         """Fit the rest of the stage; the reason it ended, or None if a callback stopped it."""
         self.evals = [
-            (ev, _Every(ev.every or self.config.eval_every))
+            (ev, Interval(ev.every or self.config.eval_every))
             for ev in self.curriculum.evals_for(stage)
         ]
-        self.checkpoint_every = _Every(self.config.checkpoint.every)
+        self.checkpoint_every = Interval(self.config.checkpoint.every, field="checkpoint.every")
         rule = stage.config.advance
         self.min_steps = 0
         if rule is not None and rule.min_duration is not None:
@@ -476,6 +482,8 @@ class _Run:
             )
         if self.state.stage_step < stage.steps:
             data = StageDataset(stage, self.state.stage_step)
+            self._data = data
+            self._meter, self._meter_started = [], time.perf_counter()
             hooks = _StepHooks(self, stage)
             self.model.fit(
                 data,
@@ -499,57 +507,91 @@ class _Run:
     ) -> AdvanceDecision | None:
         """Count the step, then log, evaluate, decide and checkpoint; a decision to advance."""
         state = self.state
-        loss = float(logs[_BATCH_LOSS])
+        loss = float(logs[_BATCH_LOSS])  # the step's loss (Keras' own "loss" is a running mean)
         if not math.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss at step {state.step} in stage {stage.name!r} (stage step "
                 f"{state.stage_step}). Lower the LR or set grad_clip"
             )
-        before = (state.step, state.samples, state.tokens)
+        before = Counters(state.step, state.samples, state.tokens)
         state.step += 1
         state.stage_step += 1
         state.samples += stage.batch_size
         state.tokens += stage.context.tokens(1)
+        assert self._data is not None
+        state.real_tokens += self._data.real_tokens.pop(state.stage_step - 1, 0)
+        self._meter.append(loss)
+        after = Counters(state.step, state.samples, state.tokens)
         last = state.stage_step == stage.steps
         if state.step % self.config.log_every == 0 or last:
-            self._log(
-                self._record(
-                    "train",
-                    stage,
-                    loss=loss,
-                    lr=self._lr,
-                    samples=state.samples,
-                    tokens=state.tokens,
-                    time=self._elapsed(),
-                )
-            )
+            self._log_train(stage)
         rule = stage.config.advance
         decision = AdvanceDecision(False)
         for ev, every in self.evals:
-            if every.due(before, state, stage) and not last:
+            if every.due(before, after, state.stage_step, stage.context) and not last:
                 metrics = self._evaluate(stage, ev)
                 if rule is not None and rule.metric.startswith(ev.name + "."):
-                    value = metrics[rule.metric[len(ev.name) + 1 :]]
-                    decision = check_advance(rule, value, state, self.min_steps)
+                    decision = self._decide(stage, rule, metrics)
         if decision.advance:
             return decision
-        if self.checkpoint_every.due(before, state, stage) and not last:
+        if not last and self.checkpoint_every.due(before, after, state.stage_step, stage.context):
             self._checkpoint(stage)
         return None
 
-    def _evaluate(self, stage: Stage, ev: EvalConfig) -> dict[str, float]:
-        if ev.name not in self._eval_data:
-            self._eval_data[ev.name] = self.curriculum.eval_dataset(ev)
-        sums = evaluate(
-            _KerasAsModule(self.model),
-            self._eval_data[ev.name],
-            metrics=list(ev.metrics),
-            loss_name=ev.loss,
-            batch_size=ev.batch_size,
-            max_samples=ev.max_samples,
-            seq_len=ev.seq_len or stage.config.seq_len,
+    def _log_train(self, stage: Stage) -> None:
+        """A ``train`` record: the mean loss of the steps since the last one, as in fit."""
+        state, losses = self.state, self._meter
+        seconds = max(time.perf_counter() - self._meter_started, 1e-9)
+        self._log(
+            self._record(
+                "train",
+                stage,
+                loss=sum(losses) / len(losses),
+                lr=self._lr,
+                samples=state.samples,
+                tokens=state.tokens,
+                tokens_real=state.real_tokens,
+                samples_per_s=len(losses) * stage.batch_size / seconds,
+                step_time=seconds / len(losses),
+                time=self._elapsed(),
+            )
         )
-        metrics = finalize_metrics(sums, list(ev.metrics))
+        self._meter = []
+        self._meter_started = time.perf_counter()
+
+    def _decide(self, stage: Stage, rule: AdvanceConfig, metrics: dict[str, float]) -> Any:
+        key = rule.metric.partition(".")[2]
+        if key not in metrics:
+            raise TrainingError(
+                f"stages[{stage.index}].advance.metric: the evaluation produced no {key!r}; "
+                f"it produced {sorted(metrics)}"
+            )
+        value = metrics[key]
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{rule.metric} is {value} at step {self.state.step} in stage {stage.name!r}: "
+                "the model diverged or the metric failed; an advance rule never acts on a "
+                "non-finite value"
+            )
+        return check_advance(rule, value, self.state, self.min_steps)
+
+    def _evaluate(self, stage: Stage, ev: EvalConfig) -> dict[str, float]:
+        # Computed by stagetrain's own evaluation code on the Keras model's outputs, so
+        # every metric means what it means in stagetrain.fit.
+        key = (ev.name, stage.index)
+        if key not in self._eval_data:
+            self._eval_data[key] = (
+                build_eval(self.curriculum, ev),
+                self.curriculum.eval_dataset(ev, stage),
+            )
+        eval_set, dataset = self._eval_data[key]
+        sums = evaluate_sums(
+            _KerasAsModule(self.model),
+            dataset,
+            eval_set,
+            seq_len=self.curriculum.eval_seq_len(ev, stage),
+        )
+        metrics = finalize(eval_set, sums)
         self.last_metrics[ev.name] = metrics
         self.last_eval_step[ev.name] = self.state.step
         self._log(
@@ -591,7 +633,7 @@ class _Run:
         self._checkpoint(stage)
 
     def _checkpoint(self, stage: Stage) -> None:
-        assert self.logger is not None and self.optimizer_config is not None
+        assert self.logger is not None
         self.state.elapsed_s = self._elapsed()
         payload = {
             "framework": FRAMEWORK,
@@ -599,12 +641,12 @@ class _Run:
             "keras": {
                 "model": capture_variables(self.model.variables),
                 "optimizer": capture_variables(self.optimizer.variables),
-                "optimizer_config": self.optimizer_config.model_dump(mode="json"),
             },
             "state": self.state.to_dict(),
             "rng": rng_state(),
             "fingerprint": self.config.fingerprint(),
             "config": json.dumps(self.config.fingerprint_dict()),
+            "score_digests": dict(self.curriculum.score_digests),
             "metrics": json.dumps(self.last_metrics),
             "last_eval_step": dict(self.last_eval_step),
             "log_lines": self.logger.lines,

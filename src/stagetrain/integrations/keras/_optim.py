@@ -10,7 +10,8 @@ documented ways: Adam's ``epsilon`` is added to ``sqrt(v)`` before the bias corr
 (the Adam paper's "epsilon hat"), and SGD keeps ``-lr * grad`` in its momentum buffer
 (the same as torch's while the LR is constant). Weight decay is decoupled in Keras for
 every optimizer, so it is accepted for ``adamw`` only (torch's Adam and SGD add it to
-the gradient instead).
+the gradient instead). ``no_decay`` (default: variables of fewer than two dimensions)
+is honoured through ``exclude_from_weight_decay``.
 """
 
 from __future__ import annotations
@@ -25,19 +26,47 @@ from stagetrain.config import OptimizerConfig
 from stagetrain.curriculum import Stage
 from stagetrain.errors import ConfigError
 
+KERAS_OPTIMIZERS = ("adam", "adamw", "sgd")
+_KWARGS = {"adam": frozenset(), "adamw": frozenset(), "sgd": frozenset({"nesterov"})}
+
 
 def check_keras_optimizer(cfg: OptimizerConfig, *, field: str = "optimizer") -> None:
     """Refuse optimizer settings the Keras optimizers cannot honour as stagetrain defines them."""
+    name = cfg.label
+    if name not in KERAS_OPTIMIZERS:
+        raise ConfigError(
+            f"{field}.name: {name!r} is not supported by the Keras adapter "
+            f"(one of {list(KERAS_OPTIMIZERS)})"
+        )
+    unknown = sorted(set(cfg.kwargs) - _KWARGS[name])
+    if unknown:
+        raise ConfigError(
+            f"{field}.kwargs: {unknown} not supported for Keras {name} "
+            f"(accepted: {sorted(_KWARGS[name])})"
+        )
     if cfg.lr_multipliers:
         raise ConfigError(
             f"{field}.lr_multipliers: per-parameter LR multipliers are not supported by the "
             "Keras adapter (Keras optimizers have one learning rate)"
         )
-    if cfg.weight_decay > 0 and cfg.name != "adamw":
+    if cfg.weight_decay > 0 and name != "adamw":
         raise ConfigError(
-            f"{field}.weight_decay: {cfg.name} adds weight decay to the gradient (L2) in "
+            f"{field}.weight_decay: {name} adds weight decay to the gradient (L2) in "
             "stagetrain, Keras decays decoupled; use name: adamw for decoupled decay"
         )
+
+
+def decays(variable: Any, cfg: OptimizerConfig) -> bool:
+    """Whether weight decay applies to ``variable`` (``no_decay``, as in stagetrain).
+
+    By default, with ``weight_decay > 0``, variables with fewer than two dimensions
+    (biases, norm scales) do not decay; ``no_decay`` globs replace that rule.
+    """
+    if cfg.weight_decay == 0:
+        return True  # nothing to exempt (a later stage's decay then applies to all)
+    if cfg.no_decay is None:
+        return len(variable.shape) >= 2
+    return not any(_matches(variable.path, pattern) for pattern in cfg.no_decay)
 
 
 def build_keras_optimizer(
@@ -46,7 +75,8 @@ def build_keras_optimizer(
     """A fresh Keras optimizer for ``cfg``, built over ``variables`` when given.
 
     Build it over every variable any stage may train: a Keras optimizer refuses variables
-    it was not built with, and a later stage may unfreeze some.
+    it was not built with, and a later stage may unfreeze some. Which variables decay is
+    fixed here (``no_decay``), as in stagetrain's param groups.
 
     ``grad_clip`` becomes ``global_clipnorm`` (clipping by the norm over all gradients,
     as ``torch.nn.utils.clip_grad_norm_``).
@@ -54,9 +84,9 @@ def build_keras_optimizer(
     check_keras_optimizer(cfg, field=field)
     common: dict[str, Any] = {"learning_rate": cfg.lr, "global_clipnorm": cfg.grad_clip}
     optimizer: Any
-    if cfg.name == "sgd":
-        optimizer = keras.optimizers.SGD(momentum=cfg.momentum, **common)
-    elif cfg.name == "adamw":
+    if cfg.label == "sgd":
+        optimizer = keras.optimizers.SGD(momentum=cfg.momentum, **cfg.kwargs, **common)
+    elif cfg.label == "adamw":
         optimizer = keras.optimizers.AdamW(
             weight_decay=cfg.weight_decay,
             beta_1=cfg.betas[0],
@@ -69,7 +99,12 @@ def build_keras_optimizer(
             beta_1=cfg.betas[0], beta_2=cfg.betas[1], epsilon=cfg.eps, **common
         )
     if variables is not None:
-        optimizer.build(list(variables))
+        variables = list(variables)
+        if cfg.label == "adamw":
+            exempt = [v for v in variables if not decays(v, cfg)]
+            if exempt:
+                optimizer.exclude_from_weight_decay(var_list=exempt)
+        optimizer.build(variables)
     return optimizer
 
 
@@ -81,17 +116,18 @@ def update_keras_optimizer(optimizer: Any, cfg: OptimizerConfig, *, field: str) 
     """
     check_keras_optimizer(cfg, field=field)
     optimizer.global_clipnorm = cfg.grad_clip
-    if cfg.name == "sgd":
+    if cfg.label == "sgd":
         if cfg.momentum > 0 and not optimizer.momentums:
             raise ConfigError(
                 f"{field}.momentum: the kept Keras SGD was built without momentum and has no "
                 "momentum buffers; use handoff: reset to start one with momentum"
             )
         optimizer.momentum = cfg.momentum
+        optimizer.nesterov = cfg.kwargs.get("nesterov", False)
         return
     optimizer.beta_1, optimizer.beta_2 = cfg.betas
     optimizer.epsilon = cfg.eps
-    if cfg.name == "adamw":
+    if cfg.label == "adamw":
         optimizer.weight_decay = cfg.weight_decay
 
 
