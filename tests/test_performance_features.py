@@ -11,6 +11,7 @@ import torch
 from helpers_for_tests import StopAt
 
 from stagetrain import Curriculum, fit, parse_config
+from stagetrain.train import meter as meter_module
 from stagetrain.train import runner as runner_module
 from stagetrain.train import step as step_module
 
@@ -66,7 +67,7 @@ def test_step_path_reads_nothing_back_from_the_device() -> None:
         runner_module.Runner.train_stage,
         step_module.StepRunner.forward_backward,
         step_module.StepRunner.update,
-        runner_module._Meter.add,
+        meter_module.IntervalMeter.add,
     ):
         source = inspect.getsource(fn)
         for forbidden in (".item(", "float(", ".cpu(", ".tolist(", "bool("):

@@ -23,8 +23,6 @@ import yaml
 from conftest import tiny_config_dict
 
 from stagetrain import ConfigError, Curriculum, TensorPairDataset, fit, parse_config
-from stagetrain.batch import to_device
-from stagetrain.collate import collate
 from stagetrain.logs import read_records
 
 transformers = pytest.importorskip("transformers")
@@ -92,6 +90,8 @@ def test_gpt2_trains_on_padded_dict_rows_with_its_own_loss(tmp_path: Path) -> No
 
     # Perplexity and token accuracy are pad-aware and use the causal shift: recompute both
     # by hand from the model's own (shifted, -100-ignoring) loss on every token.
+    from stagetrain.collate import collate
+
     curriculum = Curriculum(parse_config(gpt2_config()), progress=False)
     dataset = curriculum.eval_dataset(curriculum.config.evals[0])
     items = [dataset[i] for i in range(len(dataset))]
@@ -134,7 +134,8 @@ def test_gpt2_run_killed_and_resumed_is_bitwise(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = [sys.executable, "-m", "stagetrain.cli", "run", str(path), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    path_env = f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path_env}
     subprocess.run([*cli, "--run-dir", str(tmp_path / "full")], check=True, env=env,
                    capture_output=True, timeout=600)  # fmt: skip
     killed = subprocess.run(
@@ -431,6 +432,8 @@ def test_unknown_loss_name_is_refused_with_the_field() -> None:
 
 
 def test_dict_batches_move_to_the_device_whole() -> None:
+    from stagetrain.batch import to_device
+
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "meta": {"w": torch.ones(2)}}
     moved = to_device(batch, torch.device("cpu"))
     assert moved["meta"]["w"].shape == (2,) and moved["input_ids"].dtype == torch.long

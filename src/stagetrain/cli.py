@@ -106,6 +106,97 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from stagetrain.sources.prepare import prepare, read_file_list
+
+    inputs = list(args.inputs)
+    if args.files_from is not None:
+        inputs += read_file_list(args.files_from)
+    result = prepare(
+        inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        fmt=args.format,
+        text_field=args.text_field,
+        eos_id=args.eos_id,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(result.line())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stagetrain.sources.export import export_run
+
+    report = export_run(args.run_dir, format=args.format, out=args.out, step=args.checkpoint)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """``prepare`` and ``export`` (stagetrain.sources)."""
+    prep = sub.add_parser(
+        "prepare", help="tokenize text / JSONL / a HF dataset into a token file (.bin + .json)"
+    )
+    prep.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        help="text files, .jsonl, .parquet, or a saved HF dataset directory",
+    )
+    prep.add_argument("--out", type=Path, required=True, help="the token file to write (.bin)")
+    prep.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="a tokenizer.json, a transformers tokenizer directory, or 'bytes' (default)",
+    )
+    prep.add_argument(
+        "--files-from", type=Path, default=None, help="a file listing more inputs, one per line"
+    )
+    prep.add_argument(
+        "--format",
+        choices=["auto", "text", "jsonl", "hf"],
+        default="auto",
+        help="how to read the inputs (default: by file name)",
+    )
+    prep.add_argument(
+        "--text-field",
+        default="text",
+        help="JSONL field / dataset column with the text (default: %(default)s)",
+    )
+    prep.add_argument(
+        "--eos-id",
+        default="auto",
+        help="token appended after each document: auto (the tokenizer's), "
+        "none, or an id (default: %(default)s)",
+    )
+    prep.add_argument(
+        "--workers", type=int, default=1, help="tokenizing processes (default: %(default)s)"
+    )
+    prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    prep.set_defaults(func=_cmd_prepare)
+
+    exp = sub.add_parser("export", help="write a run's checkpoint as safetensors or a HF model")
+    exp.add_argument("run_dir", type=Path, help="the run directory")
+    exp.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        required=True,
+        help="safetensors + model.json, or a from_pretrained directory",
+    )
+    exp.add_argument("--out", type=Path, required=True, help="output directory")
+    exp.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="the checkpoint written at this step (default: the newest)",
+    )
+    exp.set_defaults(func=_cmd_export)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import files
 
@@ -216,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=2, help="runs in parallel (default: %(default)s)")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default runs/demo)")
     demo.set_defaults(func=_cmd_demo)
+    _add_data_commands(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ Every stage goes through the same three doors:
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from stagetrain.advance import AdvanceDecision, check_advance
+from stagetrain.advance import AdvanceDecision
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text
 from stagetrain.config import AdvanceConfig
 from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.errors import CheckpointError, TrainingError
-from stagetrain.evaluation import EvalSet, evaluate_sums, finalize
+from stagetrain.evaluation import EvalSet
 from stagetrain.handoff import apply_freeze, builds_optimizer, enter_stage
 from stagetrain.logs import RunLogger
 from stagetrain.optim import apply_lr
@@ -36,9 +36,11 @@ from stagetrain.time import Counters, Duration, Interval
 from stagetrain.train import resume
 from stagetrain.train.callbacks import RunContext, emit
 from stagetrain.train.engine import Engine
+from stagetrain.train.evals import Evaluations
 from stagetrain.train.guards import NonFiniteGuard, Rollback
+from stagetrain.train.meter import IntervalMeter
 from stagetrain.train.progress import Reporter
-from stagetrain.train.step import StepResult, StepRunner
+from stagetrain.train.step import StepRunner
 
 
 @dataclass(frozen=True)
@@ -48,33 +50,6 @@ class Ending:
     reason: str
     detail: str
     early: bool = False
-
-
-class _Meter:
-    """Training values of the current logging interval, summed on the device."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss: torch.Tensor | None = None
-        self.terms: dict[str, torch.Tensor] = {}
-        self.steps = 0
-        self.samples = 0
-        self.padded = 0
-        self.started = time.perf_counter()
-        self.paused = 0.0
-        """Seconds spent evaluating or checkpointing inside the interval."""
-
-    def add(self, result: StepResult, samples: int) -> None:
-        self.loss = result.loss if self.loss is None else self.loss + result.loss
-        if len(result.terms) > 1:
-            for name, value in result.terms.items():
-                held = self.terms.get(name)
-                self.terms[name] = value.detach() if held is None else held + value.detach()
-        self.steps += 1
-        self.samples += samples
-        self.padded += result.padded
 
 
 class Runner:
@@ -117,8 +92,11 @@ class Runner:
             self.steps.scaler.load_state_dict(scaler_state)  # fp16: the loss scale continues
         self.guard = NonFiniteGuard(self.config.nonfinite, engine)
         self.checkpoint_every = Interval(self.config.checkpoint.every, field="checkpoint.every")
-        self.meter = _Meter()
-        self.pending_tokens: torch.Tensor | None = None
+        self.meter = IntervalMeter(engine)
+        self.evals = Evaluations(
+            curriculum=curriculum, model=model, engine=engine, eval_sets=eval_sets,
+            guard=self.guard, logger=logger, reporter=reporter,
+        )  # fmt: skip
         self.last_eval_step: dict[str, int] = {}
         self.train_model: torch.nn.Module = model
         self.step_optimizer: Any = optimizer
@@ -288,9 +266,6 @@ class Runner:
             state.samples += samples_per_step
             state.tokens += tokens_per_step
             self.meter.add(result, samples_per_step)
-            if result.tokens is not None:
-                held = self.pending_tokens
-                self.pending_tokens = result.tokens if held is None else held + result.tokens
             self.reporter.advance()
             if will_log:
                 self.log_train(stage, lr, norm)
@@ -306,7 +281,10 @@ class Runner:
                 if interval.due(before, after, state.stage_step, stage.context) and not at_end:
                     metrics = self.evaluate(stage, eval_set)
                     if rule is not None and rule.metric.startswith(eval_set.name + "."):
-                        decision = self.decide(stage, rule, metrics, min_steps)
+                        decision = self.evals.decide(
+                            stage, rule, metrics, state, min_steps, self.record,
+                            config.nonfinite.policy,
+                        )  # fmt: skip
             if decision is not None and decision.advance:
                 return Ending(decision.reason, decision.detail, early=True)
             if not at_end and self.checkpoint_every.due(
@@ -351,7 +329,7 @@ class Runner:
                 "state": self.state.to_dict(),
                 "metrics": self.last_metrics,
             }
-            atomic_write_text(self.run_dir / "summary.json", _dumps(summary))
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
 
     def stop(self) -> None:
         """End the run after this step, as requested (with a checkpoint unless told not to)."""
@@ -362,112 +340,30 @@ class Runner:
 
     # --- what happens inside a stage ------------------------------------------------------
 
-    def fold_tokens(self) -> int:
-        """Add this interval's real tokens (summed over ranks) to the counters."""
-        pending, self.pending_tokens = self.pending_tokens, None
-        if pending is None:
-            return 0
-        total = int(self.engine.sum({"t": pending})["t"].item())
-        self.state.real_tokens += total
-        return total
-
     def log_train(self, stage: Stage, lr: float, norm: torch.Tensor | None) -> None:
         self.guard.flush()
-        meter, state = self.meter, self.state
-        assert meter.loss is not None
-        now = time.perf_counter()
-        seconds = max(now - meter.started - meter.paused, 1e-9)
-        world = self.engine.info.world_size
-        real = self.fold_tokens()
-        loss = float(meter.loss / meter.steps)  # the host sync, at logging intervals only
-        fields: dict[str, Any] = {
-            "loss": loss,
-            "lr": lr,
-            "samples": state.samples,
-            "tokens": state.tokens,
-            "tokens_real": state.real_tokens,
-            "samples_per_s": meter.samples / seconds,
-            "step_time": seconds / meter.steps,
-            "time": self.elapsed(),
-        }
-        if real:
-            fields["tokens_per_s"] = real / seconds
-            fields["padded_tokens_per_s"] = meter.padded * world / seconds
-        if norm is not None:
-            fields["grad_norm"] = float(norm)
-        for name, value in meter.terms.items():
-            fields[f"loss/{name}"] = float(value / meter.steps)
-        record = self.record("train", stage, **fields)
+        fields = self.meter.fields(self.state, lr, norm)
+        record = self.record("train", stage, **fields, time=self.elapsed())
         self.logger.log(record)
         self.reporter.train(record)
-        self.context.loss, self.context.lr = loss, lr
+        self.context.loss, self.context.lr = fields["loss"], lr
         self.context.grad_norm = fields.get("grad_norm")
-        meter.reset()
         self.emit("on_log", record)
 
     def evaluate(self, stage: Stage, eval_set: EvalSet) -> dict[str, float]:
-        self.guard.flush()  # a NaN model is never evaluated
         started = time.perf_counter()
-        ev = eval_set.config
-        info = self.engine.info
-        sums = evaluate_sums(
-            self.model,
-            self.curriculum.eval_dataset(ev, stage),
-            eval_set,
-            seq_len=self.curriculum.eval_seq_len(ev, stage),
-            device=self.device,
-            rank=info.rank,
-            world_size=info.world_size,
-        )
-        metrics = finalize(eval_set, self.engine.sum(sums))
-        self.last_metrics[ev.name] = metrics
-        self.last_eval_step[ev.name] = self.state.step
-        self.logger.log(
-            self.record(
-                "eval",
-                stage,
-                name=ev.name,
-                samples=self.state.samples,
-                tokens=self.state.tokens,
-                time=self.elapsed(),
-                **metrics,
-            )
-        )
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        self.reporter.line(f"step {self.state.step:,} [{stage.name}] {ev.name}: {shown}")
-        self.emit("on_eval", ev.name, metrics)
-        self.meter.paused += time.perf_counter() - started
+        metrics = self.evals.run(stage, eval_set, self.state, self.record, self.elapsed())
+        self.last_metrics[eval_set.name] = metrics
+        self.last_eval_step[eval_set.name] = self.state.step
+        self.emit("on_eval", eval_set.name, metrics)
+        self.meter.pause(time.perf_counter() - started)
         return metrics
-
-    def decide(
-        self, stage: Stage, rule: AdvanceConfig, metrics: dict[str, float], min_steps: int
-    ) -> AdvanceDecision:
-        """The advance rule on the metrics every rank holds (rank 0's decision is final)."""
-        key = rule.metric.partition(".")[2]
-        if key not in metrics:
-            raise TrainingError(
-                f"stages[{stage.index}].advance.metric: the evaluation produced no {key!r}; "
-                f"it produced {sorted(metrics)}"
-            )
-        value = metrics[key]
-        if not math.isfinite(value):
-            detail = f"{rule.metric} is {value} at step {self.state.step} in stage {stage.name!r}"
-            if self.config.nonfinite.policy == "raise":
-                raise TrainingError(
-                    f"{detail}: the model diverged or the metric failed; an advance rule never "
-                    "acts on a non-finite value"
-                )
-            self.logger.log(self.record("skip", stage, detail=detail, time=self.elapsed()))
-            return AdvanceDecision(False)
-        decision = check_advance(rule, value, self.state, min_steps)
-        advance = self.engine.agree(decision.advance)
-        return decision if advance == decision.advance else AdvanceDecision(advance, "agreed", "")
 
     def checkpoint(self, stage: Stage) -> None:
         assert self.optimizer is not None
         self.guard.flush()  # a checkpoint never holds a non-finite model
         started = time.perf_counter()
-        self.fold_tokens()
+        self.meter.fold_tokens(self.state)
         self.state.elapsed_s = self.elapsed()
         rngs = self.engine.gather(resume.local_rng())  # a collective: every rank joins
         if self.engine.is_main:
@@ -484,7 +380,7 @@ class Runner:
             path = self.store.save(payload, step=self.state.step, stage=stage.name)
             self.emit("on_checkpoint", path)
         self.engine.barrier()
-        self.meter.paused += time.perf_counter() - started
+        self.meter.pause(time.perf_counter() - started)
 
     def roll_back(self, detail: str) -> None:
         """Restore the newest checkpoint and lower the LR (the ``rollback`` policy)."""
@@ -509,8 +405,7 @@ class Runner:
         )  # fmt: skip
         self.state = state
         self.guard.clear()
-        self.meter.reset()
-        self.pending_tokens = None
+        self.meter.drop()
         self.last_eval_step.clear()
         # The log goes back to the checkpoint too: the steps after it will be logged again.
         self.logger.truncate(int(payload["log_lines"]))
@@ -519,9 +414,3 @@ class Runner:
         self.reporter.line(
             f"{detail}: rolled back to step {state.step:,}, LR x{state.rollback_lr_scale:g}"
         )
-
-
-def _dumps(data: Any) -> str:
-    import json
-
-    return json.dumps(data, indent=1)
