@@ -53,3 +53,23 @@ def mlp_killed_at(*, at: int, rank: int = 1, **mlp_args: object) -> torch.nn.Mod
     from stagetrain.recipes.models import mlp
 
     return _KillAt(mlp(**mlp_args), at, rank)  # type: ignore[arg-type]
+
+
+def mlp_exit_on_seed(*, exit_on: int, **mlp_args: object) -> torch.nn.Module:
+    """An MLP, except under seed ``exit_on``: then the process dies (a crash to contain)."""
+    import os
+
+    from stagetrain.recipes.models import mlp
+
+    if torch.initial_seed() == exit_on:  # build_model seeds torch with the run's seed
+        os._exit(3)
+    return mlp(**mlp_args)  # type: ignore[arg-type]
+
+
+def mlp_raise_on_seed(*, raise_on: int, **mlp_args: object) -> torch.nn.Module:
+    """An MLP, except under seed ``raise_on``: then a Python exception."""
+    from stagetrain.recipes.models import mlp
+
+    if torch.initial_seed() == raise_on:
+        raise RuntimeError(f"no model for seed {raise_on}")
+    return mlp(**mlp_args)  # type: ignore[arg-type]

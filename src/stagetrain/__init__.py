@@ -6,6 +6,7 @@ against honest baselines.
 """
 
 from stagetrain.checkpoint import CheckpointStore, load_checkpoint
+from stagetrain.compare import compare
 from stagetrain.config import (
     CurriculumConfig,
     DataConfig,
@@ -63,6 +64,7 @@ __all__ = [
     "__version__",
     "apply_freeze",
     "apply_handoff",
+    "compare",
     "fit",
     "load_checkpoint",
     "load_config",

@@ -504,6 +504,10 @@ class CurriculumConfig(_Config):
 
     name: str = "curriculum"
     seed: int = 0
+    data_seed: int | None = None
+    """Seed passed to data factories that accept ``seed``; defaults to ``seed``. Set it to
+    vary the data draw independently of the initialisation and batch order (``stagetrain
+    compare --vary``)."""
     stages: list[StageConfig] = Field(min_length=1)
     model: ModelConfig | None = None
     teacher: ModelConfig | None = None

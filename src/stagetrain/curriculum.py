@@ -225,7 +225,9 @@ class Curriculum:
         progress: bool = True,
     ) -> None:
         self.config = config
-        self.sources = SourceBuilder(config.seed, datasets)
+        self.sources = SourceBuilder(
+            config.data_seed if config.data_seed is not None else config.seed, datasets
+        )
         self.scorer = DifficultyScorer(
             seed=config.seed,
             cache=ScoreCache(cache_dir),
