@@ -182,7 +182,8 @@ def run_jobs(
             for w in pool:
                 if w.ready and w.job is None and pending:
                     w.job = pending.popleft()
-                    w.conn.send(w.job)
+                    with contextlib.suppress(OSError):  # a dead worker: found below
+                        w.conn.send(w.job)
             ready = wait([w.conn for w in pool] + [w.process.sentinel for w in pool], timeout=5)
             for i, w in enumerate(pool):
                 if w.conn in ready or w.conn.poll():
