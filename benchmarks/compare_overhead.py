@@ -146,7 +146,8 @@ def main() -> None:
         f"{platform.system()} {platform.machine()}, {cores} CPU cores, no GPU, "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
-    data = {"machine": machine, "quick": args.quick, "goal_overhead_s": 0.5, "rows": rows}
+    data = {"machine": machine, "quick": args.quick, "goal_overhead_s": 0.5,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))
     print(json.dumps(data, indent=1))

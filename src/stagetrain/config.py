@@ -472,11 +472,7 @@ class CheckpointConfig(_Config):
 
 
 class GlobalLR(_Config):
-    """One learning-rate schedule over the whole run (global steps), overriding the stages'.
-
-    ``stagetrain compare`` gives every control arm the curriculum's own LR trajectory
-    this way, so that arms differ only in their data.
-    """
+    """One learning-rate schedule over the whole run (global steps), overriding the stages'."""
 
     lr: float = Field(gt=0)
     schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
