@@ -217,6 +217,16 @@ def test_report_metric_out_and_target_files(finished: Path, tmp_path: Path) -> N
         write_report(out, metric="test.f1")
 
 
+def test_report_defaults_to_the_comparisons_own_target(finished: Path, tmp_path: Path) -> None:
+    out = copy_of(finished, tmp_path)
+    spec = json.loads((out / "compare.json").read_text())
+    assert spec["target"] is None
+    (out / "compare.json").write_text(json.dumps(dict(spec, target=0.7)))  # as compare --target 0.7
+    path, table = write_report(out)
+    assert path == out / "report.html" and "threshold 0.7;" in table
+    assert analyze(out, target=0.6).target == 0.6
+
+
 def test_curve_band_stops_where_the_first_run_ends() -> None:
     def run(seed: int, end: float, value: float) -> RunResult:
         times = np.linspace(0, end, 5)

@@ -67,7 +67,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.config, out, arms=args.arms, seeds=args.seeds, jobs=args.jobs,
         metric=args.metric, target=args.target, vary=args.vary,
     )  # fmt: skip
-    path, table = write_report(out, target=args.target)
+    path, table = write_report(out)  # the comparison's own report, at its --target
     print()
     print(table)
     print(f"\nreport: {path}")

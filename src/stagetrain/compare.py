@@ -187,6 +187,8 @@ class CompareSpec:
     metrics: list[str]
     """Every metric the curriculum-level evaluations produce (for ``report --metric``)."""
     fingerprint: str
+    target: float | None = None
+    """The time-to-target threshold ``compare`` was given (``report`` uses it by default)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -195,7 +197,8 @@ class CompareSpec:
     def from_file(cls, path: Path) -> CompareSpec:
         try:
             data = json.loads(path.read_text())
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            fields = [k for k in cls.__dataclass_fields__ if k != "target"]
+            return cls(**{k: data[k] for k in fields}, target=data.get("target"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
                 f"{path}: not a comparison description ({type(exc).__name__}: {exc}); "
@@ -243,6 +246,7 @@ def prepare(
     metric: str | None,
     *,
     vary: Sequence[str] = VARY,
+    target: float | None = None,
     datasets: Mapping[str, Any] | None = None,
     models: Mapping[str, Any] | None = None,
 ) -> tuple[CompareSpec, dict[str, CurriculumConfig]]:
@@ -251,7 +255,7 @@ def prepare(
         raise ConfigError(f"seeds: need at least one seed, got {seeds}")
     arm_names = parse_arms(list(arms))
     vary_names = parse_vary(list(vary))
-    target = TargetMetric.parse(metric, produced_metrics(config))
+    chosen = TargetMetric.parse(metric, produced_metrics(config))
     curriculum = Curriculum(config, datasets=datasets, models=models, progress=False)
     derived = {arm: derive_arm(curriculum, arm) for arm in arm_names}
     base_data = config.data_seed if config.data_seed is not None else config.seed
@@ -262,9 +266,10 @@ def prepare(
         init_seeds=[s if "init" in vary_names else config.seed for s in labels],
         data_seeds=[base_data + i if "data" in vary_names else base_data for i in range(seeds)],
         vary=vary_names,
-        metric=str(target),
+        metric=str(chosen),
         metrics=produced_metrics(config),
         fingerprint=config.fingerprint(),
+        target=target,
     )
     spec_path = out_dir / "compare.json"
     if spec_path.exists():
@@ -434,7 +439,8 @@ def analyze(
 
     Args:
         out_dir: the comparison directory.
-        target: time-to-target threshold (default: the baseline's median final value).
+        target: time-to-target threshold (default: the one the comparison was run with,
+            else the baseline's median final value).
         metric: ``EVAL.KEY`` to analyse instead of the one the comparison was run for.
     """
     out = Path(out_dir)
@@ -450,6 +456,8 @@ def analyze(
     def ok(run: RunResult) -> bool:
         return run.status == "completed" and run.final is not None
 
+    if target is None:
+        target = spec.target
     if target is None:
         reference = runs["baseline"] if "baseline" in runs else runs[spec.arms[0]]
         finals = [r.final for r in reference if ok(r) and r.final is not None]
@@ -671,7 +679,7 @@ def compare(
     TargetMetric.parse(metric, produced_metrics(config))
     with _one_thread_here():
         spec, configs = prepare(
-            config, out, arm_names, seeds, metric, vary=vary_names,
+            config, out, arm_names, seeds, metric, vary=vary_names, target=target,
             datasets=in_memory, models=reference_models,
         )  # fmt: skip
         run_all(

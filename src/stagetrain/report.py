@@ -204,7 +204,8 @@ def write_report(
 
     Args:
         out_dir: the comparison directory.
-        target: time-to-target threshold (default: the baseline's median final value).
+        target: time-to-target threshold (default: the comparison's ``--target``, else the
+            baseline's median final value).
         metric: ``EVAL.KEY`` to report instead of the comparison's own metric.
         out: directory for the files (default ``out_dir``). In ``out_dir`` itself a
             report with a ``target`` or ``metric`` gets its own file names
