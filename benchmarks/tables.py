@@ -146,7 +146,7 @@ def table_markdown(table: dict[str, Any]) -> str:
         else:
             d = paired(table, label, base)
             delta = f"{d.mean:+.4f} {_fmt_interval(d.ci_low, d.ci_high, '+.4f')}"
-            words = verdict(d, hib)
+            words = verdict(d, hib).replace("than baseline", f"than {base}")
         row = (
             f"| {label} | {len(present)}/{len(arm['final'])} | {s.median:.4f} [{s.q25:.4f}, {s.q75:.4f}] "
             f"| {s.mean:.4f} {_fmt_interval(s.ci_low, s.ci_high, '.4f')} | {delta} | {words} |"
@@ -187,7 +187,8 @@ def recipe_markdown(data: dict[str, Any]) -> str:
             facts.append(f"target {target:g}")
         if seeds is not None:
             facts.append(f"seeds {seeds}")
-        lines += ["; ".join(facts).capitalize() + ".", "", table_markdown(table), ""]
+        sentence = "; ".join(facts)
+        lines += [sentence[0].upper() + sentence[1:] + ".", "", table_markdown(table), ""]
     for note in data.get("notes", []):
         lines += [note, ""]
     lines += [STATISTICS_NOTE, "", f"Machine: {data['machine']}."]
