@@ -154,3 +154,23 @@ def random_features(*, size: int = 64, features: int = 4) -> object:
 
     x = torch.randn(size, features)
     return TensorPairDataset(x, (x[:, 0] > 0).long())
+
+
+def mlp_exit_on_seed(*, exit_on: int, **mlp_args: object) -> torch.nn.Module:
+    """An MLP, except under seed ``exit_on``: then the process dies (a crash to contain)."""
+    import os
+
+    from stagetrain.recipes.models import mlp
+
+    if torch.initial_seed() == exit_on:  # build_model seeds torch with the run's seed
+        os._exit(3)
+    return mlp(**mlp_args)  # type: ignore[arg-type]
+
+
+def mlp_raise_on_seed(*, raise_on: int, **mlp_args: object) -> torch.nn.Module:
+    """An MLP, except under seed ``raise_on``: then a Python exception."""
+    from stagetrain.recipes.models import mlp
+
+    if torch.initial_seed() == raise_on:
+        raise RuntimeError(f"no model for seed {raise_on}")
+    return mlp(**mlp_args)  # type: ignore[arg-type]

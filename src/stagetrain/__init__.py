@@ -6,6 +6,7 @@ against honest baselines.
 """
 
 from stagetrain.checkpoint import CheckpointStore, load_checkpoint
+from stagetrain.compare import compare
 from stagetrain.config import (
     CurriculumConfig,
     DataConfig,
@@ -67,6 +68,7 @@ __all__ = [
     "__version__",
     "apply_freeze",
     "apply_handoff",
+    "compare",
     "enter_stage",
     "fit",
     "load_checkpoint",

@@ -64,10 +64,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"compare-{args.config.stem}"
     compare(
-        args.config, out, arms=args.arms.split(","), seeds=args.seeds, jobs=args.jobs,
-        metric=args.metric, target=args.target,
+        args.config, out, arms=args.arms, seeds=args.seeds, jobs=args.jobs,
+        metric=args.metric, target=args.target, vary=args.vary,
     )  # fmt: skip
-    path, table = write_report(out, target=args.target)
+    path, table = write_report(out)  # the comparison's own report, at its --target
     print()
     print(table)
     print(f"\nreport: {path}")
@@ -75,9 +75,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from stagetrain.compare import check_target
     from stagetrain.report import write_report
 
-    path, table = write_report(args.run_dir, target=args.target)
+    check_target(args.target)
+    path, table = write_report(args.run_dir, target=args.target, metric=args.metric, out=args.out)
     print(table)
     print(f"\nreport: {path}")
     return 0
@@ -207,6 +209,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"same budget. {args.seeds} seeds per arm, {args.jobs} at a time."
     )
     args.config, args.arms, args.metric = config, "curriculum,baseline", "test.accuracy"
+    args.vary = "init,data"
     args.target = 0.95  # "steps to 95 % test accuracy", as in the parity literature
     args.out = args.out or Path("runs") / "demo"
     return _cmd_compare(args)
@@ -263,8 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: curriculum, baseline, union, anti, easy-only, random-order "
         "(default: %(default)s)",
     )
-    cmp.add_argument("--seeds", type=int, default=5, help="seeds per arm (default: %(default)s)")
-    cmp.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
+    cmp.add_argument("--seeds", type=int, default=10, help="seeds per arm (default: %(default)s)")
+    cmp.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel, in worker processes "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    cmp.add_argument(
+        "--vary",
+        default="init,data",
+        help="what the seeds vary: init (weights, batch order), data (the seed data "
+        "factories receive) or both (default: %(default)s)",
+    )
     cmp.add_argument("--metric", default=None, help="target metric EVAL.KEY, e.g. test.accuracy")
     cmp.add_argument(
         "--target",
@@ -281,7 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="plots, HTML and a summary table for a comparison directory"
     )
     rep.add_argument("run_dir", type=Path, help="the directory compare wrote")
-    rep.add_argument("--target", type=float, default=None, help="time-to-target threshold")
+    rep.add_argument(
+        "--target", type=float, default=None,
+        help="time-to-target threshold (files get their own names unless --out is given)",
+    )  # fmt: skip
+    rep.add_argument(
+        "--metric", default=None, help="EVAL.KEY to report (default: the compared metric)"
+    )
+    rep.add_argument(
+        "--out", type=Path, default=None, help="directory for the report (default: run_dir)"
+    )
     rep.set_defaults(func=_cmd_report)
 
     ext = sub.add_parser(

@@ -514,7 +514,10 @@ class AdvanceConfig(_Config):
 
     @property
     def maximize(self) -> bool:
-        return self.mode == "max" if self.mode else not self.metric.endswith(".loss")
+        if self.mode:
+            return self.mode == "max"
+        key = self.metric.rpartition(".")[2]
+        return not (key.endswith("loss") or key in ("error", "perplexity"))
 
 
 class EvalConfig(_Config):
@@ -644,11 +647,7 @@ class CheckpointConfig(_Config):
 
 
 class GlobalLR(_Config):
-    """One learning-rate schedule over the whole run (global steps), overriding the stages'.
-
-    ``stagetrain compare`` gives every control arm the curriculum's own LR trajectory
-    this way, so that arms differ only in their data.
-    """
+    """One learning-rate schedule over the whole run (global steps), overriding the stages'."""
 
     lr: float = Field(gt=0)
     schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
@@ -676,6 +675,10 @@ class CurriculumConfig(_Config):
 
     name: str = "curriculum"
     seed: int = 0
+    data_seed: int | None = None
+    """Seed passed to data factories that accept ``seed``; defaults to ``seed``. Set it to
+    vary the data draw independently of the initialisation and batch order (``stagetrain
+    compare --vary``)."""
     stages: list[StageConfig] = Field(min_length=1)
     model: ModelConfig | None = None
     teacher: ModelConfig | None = None

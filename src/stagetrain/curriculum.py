@@ -322,7 +322,9 @@ class Curriculum:
             label_keys=tuple(config.batch.label_keys),
         )
         self._forward = _resolve_forward(config.batch.forward)
-        self.sources = SourceBuilder(config.seed, datasets)
+        self.sources = SourceBuilder(
+            config.data_seed if config.data_seed is not None else config.seed, datasets
+        )
         self.scorer = DifficultyScorer(
             seed=config.seed,
             cache=ScoreCache(cache_dir),
