@@ -18,7 +18,8 @@ fi
 import importlib
 
 for name in ("torch", "stagetrain", "scipy", "matplotlib", "tensorboard", "sklearn",
-             "transformers", "accelerate", "lightning", "safetensors", "hypothesis"):
+             "transformers", "accelerate", "lightning", "safetensors", "hypothesis",
+             "datasets", "tokenizers", "keras", "torchmetrics", "psutil"):
     importlib.import_module(name)
 import stagetrain, torch
 

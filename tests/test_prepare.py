@@ -14,6 +14,8 @@ from stagetrain.errors import DataError
 from stagetrain.sources import prepare as prep
 from stagetrain.sources.tokens import tokens_source
 
+pytest.importorskip("tokenizers")  # the 'hf' extra (setup.sh checks it is installed)
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -271,6 +271,7 @@ def test_plan_counts_passes_over_the_windows(tmp_path: Path) -> None:
 
 
 def test_preflight_vocab_check_names_the_source_field(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
     from helpers_sources import tied_lm
 
     from stagetrain.recipes.hf_models import gpt2_lm

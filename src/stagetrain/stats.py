@@ -60,6 +60,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -226,7 +227,7 @@ def bca_interval(
             confidence_level=level,
             n_resamples=resamples,
             method="BCa",
-            rng=np.random.default_rng(seed),
+            **rng_kwargs(bootstrap, seed),
         )
     ci = result.confidence_interval
     return float(ci.low), float(ci.high)
@@ -361,3 +362,12 @@ def paired_times(
         p_se=test.p_se,
         exact=test.exact,
     )
+
+
+def rng_kwargs(function: Any, seed: int) -> dict[str, Any]:
+    """A seeded generator under the name ``function`` takes: ``rng`` (SciPy >= 1.15) or
+    ``random_state`` (earlier releases)."""
+    import inspect
+
+    name = "rng" if "rng" in inspect.signature(function).parameters else "random_state"
+    return {name: np.random.default_rng(seed)}
