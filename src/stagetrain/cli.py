@@ -74,6 +74,40 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from stagetrain.config import load_config
+    from stagetrain.curriculum import Curriculum
+    from stagetrain.lr_find import lr_find
+
+    curriculum = Curriculum(load_config(args.config))
+    out = args.out or Path("runs") / f"lr-find-{args.config.stem}"
+    found = lr_find(curriculum, args.stage, out, run_dir=args.run_dir, device=args.device)
+    result = found.result
+    note = " (fallback: every candidate diverged)" if result.fallback else ""
+    print(f"chosen lr {result.lr:.4g}{note}; range-test pick {result.pick:.3g} ({result.rule})")
+    print(f"search: {result.steps:,} steps, {result.samples:,} samples")
+    print(f"plot: {found.png}\nscores: {found.json}")
+    return 0
+
+
+def _add_lr_find(sub: argparse._SubParsersAction) -> None:
+    """``lr-find`` (stagetrain.lr_find)."""
+    lrf = sub.add_parser("lr-find", help="run one stage's LR search (lr: auto) and plot it")
+    lrf.add_argument("config", type=Path, help="curriculum file (.yaml or .toml)")
+    lrf.add_argument("--stage", required=True, help="the stage's name")
+    lrf.add_argument(
+        "--out", type=Path, default=None, help="output directory (default runs/lr-find-NAME)"
+    )
+    lrf.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="start from this run's checkpoint at the stage (default: the initial weights)",
+    )
+    lrf.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    lrf.set_defaults(func=_cmd_lr_find)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from stagetrain.compare import check_target
     from stagetrain.report import write_report
@@ -329,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=None, help="output directory (default runs/demo)")
     demo.set_defaults(func=_cmd_demo)
     _add_data_commands(sub)
+    _add_lr_find(sub)
     return parser
 
 

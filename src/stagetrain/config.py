@@ -365,18 +365,101 @@ class BatchConfig(_Config):
         return fn if fn is None or isinstance(fn, str) else callable_name(fn)
 
 
+# --- lr: auto (stagetrain.lr_search) -------------------------------------------------------
+
+
+class AutoLRConfig(_Config):
+    """``lr: auto``: how a stage's peak learning rate is searched at its start.
+
+    The search (see :mod:`stagetrain.lr_search`) runs, from the weights and optimizer
+    state right after the stage's hand-off and on the stage's own data, an LR range test
+    of ``range_steps`` steps, then successive halving over ``candidates`` LRs around its
+    pick, scored by the stage's loss on a held-out slice of ``holdout`` samples; then the
+    weights, optimizer state and random generators are put back and the stage trains
+    with the chosen LR (times its warmup and schedule). Its budget, in the stage's steps,
+    is ``range_steps`` plus ``n_k x trial_steps x eta^k`` over the halving rungs (``n_0 =
+    candidates``, ``n_(k+1) = n_k // eta``, down to two candidates).
+    """
+
+    range_steps: int = Field(default=100, ge=5)
+    """Steps of the range test (the LR grows by the same factor every step)."""
+    lr_min: float = Field(default=1e-6, gt=0)
+    """LR of the range test's first step."""
+    lr_max: float = Field(default=1.0, gt=0)
+    """LR of its last step (the test stops early once the loss diverges)."""
+    rule: Literal["divergence", "steepest"] = "divergence"
+    """The range test's pick: ``divergence``: ``fraction`` x the LR where the smoothed loss
+    is lowest (beyond it the loss rises: the edge of divergence); ``steepest``: the LR
+    where the smoothed loss falls fastest against log(LR)."""
+    fraction: float = Field(default=0.25, gt=0, le=1)
+    """``divergence`` rule: the pick as a fraction of the edge."""
+    smoothing: float = Field(default=0.8, ge=0, lt=1)
+    """Factor of the exponential moving average that smooths the range test's loss."""
+    divergence: float = Field(default=4.0, gt=1)
+    """The loss has diverged once it exceeds this many times its lowest (range test) or its
+    value at the stage's start (a trial's held-out loss), or is not finite."""
+    candidates: int = Field(default=5, ge=1)
+    """LRs tried by successive halving: the pick x ``spread``^k for k centred on 0."""
+    spread: float = Field(default=2.0, gt=1)
+    """Factor between neighbouring candidates."""
+    trial_steps: int = Field(default=20, ge=1)
+    """Steps of each candidate in the first rung (each later rung trains ``eta`` x longer)."""
+    eta: int = Field(default=2, ge=2)
+    """Each rung keeps the best ``1 / eta`` of the candidates."""
+    holdout: int | float = 512
+    """Held-out samples that score the candidates: a count, or a fraction (at most 0.5) of
+    the stage's data; at most half of every source is held out."""
+    count_budget: bool = False
+    """Count the search's training steps in the stage's duration (the stage then trains
+    for its duration minus the search), for comparisons at an equal budget. Either way
+    the search's samples are reported (log, checkpoint, ``summary.json``)."""
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout(cls, value: int | float) -> int | float:
+        if isinstance(value, bool) or value <= 0:
+            raise ValueError(f"must be a positive count or a fraction in (0, 0.5], got {value!r}")
+        if isinstance(value, float) and value > 0.5:
+            raise ValueError(f"a fraction of the stage's data must be at most 0.5, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> AutoLRConfig:
+        if not self.lr_min < self.lr_max:
+            raise ValueError(f"lr_min ({self.lr_min:g}) must be below lr_max ({self.lr_max:g})")
+        return self
+
+    def rungs(self) -> list[tuple[int, int]]:
+        """(candidates, steps each) of every successive-halving rung, first to last."""
+        out, count, steps = [], self.candidates, self.trial_steps
+        while True:
+            out.append((count, steps))
+            count //= self.eta
+            if count < 2:
+                return out
+            steps *= self.eta
+
+    @property
+    def search_steps(self) -> int:
+        """Training steps of the whole search (range test plus every trial), at most."""
+        return self.range_steps + sum(count * steps for count, steps in self.rungs())
+
+
 class OptimizerConfig(_Config):
     """Optimizer and learning-rate policy of a stage.
 
     The learning rate at stage-local step ``t`` is ``lr * warmup(t) * schedule(t)``,
     where the linear warmup applies only to the first stage and after a ``rewarm`` or
-    ``reset`` hand-off.
+    ``reset`` hand-off. ``lr: auto`` searches ``lr`` at the stage's start (see ``auto``).
     """
 
     name: str | Callable[..., Any] = "adamw"
     """A ``torch.optim`` class (``adamw``, ``adam``, ``sgd``, ``rmsprop``, ... any case), an
     import path ``"pkg.mod:Optimizer"`` or (Python) a callable ``(param_groups, **kw)``."""
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float | Literal["auto"] = 1e-3
+    """Peak learning rate, or ``auto``: searched at the stage's start (``auto`` options)."""
+    auto: AutoLRConfig | None = None
+    """Options of the ``lr: auto`` search (defaults when omitted)."""
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)
@@ -397,6 +480,40 @@ class OptimizerConfig(_Config):
     """Parameter-name glob -> factor on the learning rate (first match wins), e.g.
     ``{"router.*": 100}`` to train a router faster than the model. Every pattern must
     match some parameter. Fixed by the stage that builds the optimizer."""
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto":
+            try:
+                value = float(value)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                raise ValueError(f"expected a positive number or 'auto', got {value!r}") from None
+        if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _auto_options(self) -> OptimizerConfig:
+        if self.auto is not None and self.lr != "auto":
+            raise ValueError("auto: options of the LR search; they need lr: auto")
+        return self
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether the stage's LR is searched (``lr: auto``)."""
+        return self.lr == "auto"
+
+    @property
+    def search(self) -> AutoLRConfig:
+        """The LR search's options (the defaults when ``auto`` is omitted)."""
+        return self.auto if self.auto is not None else AutoLRConfig()
+
+    @property
+    def initial_lr(self) -> float:
+        """The LR an optimizer is built with: ``lr``, or ``auto.lr_min`` while the LR is not
+        searched yet (every driver sets each step's LR before the step)."""
+        return self.search.lr_min if self.lr == "auto" else float(self.lr)
 
     @field_validator("lr_multipliers")
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stagetrain import lr_search
 from stagetrain.advance import check_advance
 from stagetrain.batch import Batch, BatchFormat, fit_length
 from stagetrain.config import (
@@ -86,6 +87,10 @@ class Stage:
     """The curriculum-wide LR (absolute, of the global step) when ``global_lr`` is set."""
     paced: tuple[np.ndarray, Schedule, np.ndarray | None] | None = None
     """(visibility order, pacing function, class labels) when the stage uses pacing."""
+    auto_lr: float | None = None
+    """The searched peak LR of an ``lr: auto`` stage, once its search ran (set by
+    :mod:`stagetrain.lr_search`'s drivers; :func:`stagetrain.fit` sets it at the stage's
+    start or from the checkpoint)."""
     _sampler: StageSampler | PacedSampler | None = field(default=None, repr=False)
 
     @property
@@ -103,9 +108,19 @@ class Stage:
 
     @property
     def lr_peak(self) -> float:
-        """The stage's configured learning rate (before warmup and schedule)."""
+        """The stage's configured learning rate (before warmup and schedule); for
+        ``lr: auto`` the searched one (an error before the search ran)."""
         assert self.config.optimizer is not None
-        return self.config.optimizer.lr
+        lr = self.config.optimizer.lr
+        if lr != "auto":
+            return lr
+        if self.auto_lr is None:
+            raise StageTrainError(
+                f"stages[{self.index}].optimizer.lr: 'auto' is searched at the stage's start "
+                "by stagetrain.fit; in another driver run stagetrain.lr_search.search_lr and "
+                "set the stage's auto_lr first"
+            )
+        return self.auto_lr
 
     @property
     def sampler(self) -> StageSampler | PacedSampler:
@@ -129,8 +144,7 @@ class Stage:
         """
         if self.global_lr is not None:
             return self.global_lr(self.planned_start + stage_step if step is None else step)
-        assert self.config.optimizer is not None
-        return self.config.optimizer.lr * self.lr_shape(stage_step)
+        return self.lr_peak * self.lr_shape(stage_step)
 
     def indices(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Any:
         """Sample indices (into :attr:`data`) of this rank's share of ``stage_step``."""
@@ -347,6 +361,8 @@ class Curriculum:
             run_lr: Schedule = lambda step: peak * shape(step)  # noqa: E731
             for stage in self.stages:
                 stage.global_lr = run_lr
+        for stage in self.stages:
+            lr_search.check_stage(stage, config)  # lr: auto: bad options fail here
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Curriculum:
@@ -377,6 +393,7 @@ class Curriculum:
         tokens = mixture_tokens_per_sample(own, initial, cfg.seq_len, self.fmt)
         ctx = TimeContext(batch_size, tokens, epoch_samples)
         steps = self._stage_steps(cfg, ctx, field)
+        steps = lr_search.training_steps(cfg, steps, field=field)  # lr: auto, count_budget
         ctx = TimeContext(ctx.batch_size, ctx.tokens_per_sample, ctx.epoch_samples, steps)
         own_weights = [_weight_schedule(s.weight, steps, ctx) for s in cfg.data.sources]
         if cfg.data.weight_unit == "tokens":

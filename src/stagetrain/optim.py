@@ -54,15 +54,21 @@ def _accepted(factory: Callable[..., Any]) -> set[str] | None:
 def optimizer_kwargs(cfg: OptimizerConfig, factory: Callable[..., Any]) -> dict[str, Any]:
     """Keyword arguments for ``factory``: the config's fields it accepts, then ``kwargs``."""
     accepted = _accepted(factory)
-    wanted: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    wanted: dict[str, Any] = {"lr": cfg.initial_lr, "weight_decay": cfg.weight_decay}
     # Hyperparameters of the common optimizers, passed only to classes that take them.
     wanted.update(betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum)
     if accepted is None:  # a factory taking **kwargs: only what every optimizer understands
-        out = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        out = {"lr": cfg.initial_lr, "weight_decay": cfg.weight_decay}
     else:
         out = {k: v for k, v in wanted.items() if k in accepted}
     out.update(cfg.kwargs)
     return out
+
+
+def takes_lr(cfg: OptimizerConfig, *, field: str = "optimizer") -> bool:
+    """Whether the optimizer ``cfg`` names has a learning rate (takes ``lr``)."""
+    accepted = _accepted(optimizer_factory(cfg, field=field))
+    return accepted is None or "lr" in accepted
 
 
 def _decays(name: str, param: torch.nn.Parameter, cfg: OptimizerConfig) -> bool:

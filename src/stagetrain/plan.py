@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stagetrain.curriculum import Curriculum
+from stagetrain.lr_search import describe_search
 
 
 @dataclass
@@ -31,6 +32,9 @@ class StagePlan:
     """True when the stage may end earlier (metric-triggered advance)."""
     loss: str = ""
     """The stage's loss terms (``cross_entropy``, ``0.5 x kl_distill``, ...)."""
+    lr_auto: str = ""
+    """``lr: auto``: the search's budget (then ``lr_start``/``lr_end`` are factors on the
+    searched LR)."""
 
 
 @dataclass
@@ -60,8 +64,10 @@ class Plan:
                     f"{s.start_samples:,}–{up}{s.end_samples:,}",
                     f"{s.start_tokens:,}–{up}{s.end_tokens:,}",
                     str(s.batch_size) + (f"×{s.seq_len}" if s.seq_len else ""),
-                    f"{s.lr_start:.3g}→{s.lr_end:.3g}"
-                    + (f" (warmup {s.warmup_steps})" if s.warmup_steps else ""),
+                    ("auto ×" if s.lr_auto else "")
+                    + f"{s.lr_start:.3g}→{'×' if s.lr_auto else ''}{s.lr_end:.3g}"
+                    + (f" (warmup {s.warmup_steps})" if s.warmup_steps else "")
+                    + (f", {s.lr_auto}" if s.lr_auto else ""),
                     s.handoff,
                 ]
             )
@@ -92,6 +98,7 @@ def make_plan(curriculum: Curriculum) -> Plan:
     step = samples = tokens = 0
     for stage in curriculum.stages:
         stage.check_sources_fit()
+        auto = describe_search(stage)  # lr: auto: the search's budget, else ""
         repeats = stage.sampler.source_repeats()
         end_samples = samples + stage.context.samples(stage.steps)
         end_tokens = tokens + stage.context.tokens(stage.steps)
@@ -117,8 +124,9 @@ def make_plan(curriculum: Curriculum) -> Plan:
                 batch_size=stage.batch_size,
                 seq_len=stage.config.seq_len,
                 handoff=stage.config.handoff if stage.index else "start",
-                lr_start=stage.lr(0),
-                lr_end=stage.lr(stage.steps - 1),
+                lr_start=stage.lr_shape(0) if auto else stage.lr(0),
+                lr_end=stage.lr_shape(stage.steps - 1) if auto else stage.lr(stage.steps - 1),
+                lr_auto=auto,
                 warmup_steps=stage.warmup_steps,
                 sources=sources,
                 up_to=stage.config.advance is not None,

@@ -39,6 +39,9 @@ class TrainState:
     """Index of the stage that built the current optimizer (its param-group layout)."""
     stage_start: dict[str, int] = field(default_factory=dict)
     """``step``, ``samples``, ``tokens`` and ``real_tokens`` when the current stage started."""
+    lr_search: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per ``lr: auto`` stage (by name), its finished LR search: the chosen ``lr``, its
+    cost (``steps``, ``samples``, ``eval_samples``), ``counted`` and ``fallback``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,7 +33,7 @@ from stagetrain.optim import apply_lr
 from stagetrain.state import TrainState
 from stagetrain.stepdata import stage_batches
 from stagetrain.time import Counters, Duration, Interval
-from stagetrain.train import resume
+from stagetrain.train import lr_auto, resume
 from stagetrain.train.callbacks import RunContext, emit
 from stagetrain.train.engine import Engine
 from stagetrain.train.evals import Evaluations
@@ -205,6 +205,7 @@ class Runner:
         self.train_model, self.step_optimizer = self.engine.wrap(self.model, self.optimizer)
         if self.config.compile:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+        lr_auto.enter_stage(self, stage)  # lr: auto: the stage's LR search (after its hand-off)
 
     def _min_steps(self, stage: Stage, rule: AdvanceConfig | None) -> int:
         if rule is None or rule.min_duration is None:

@@ -82,7 +82,7 @@ def build_keras_optimizer(
     as ``torch.nn.utils.clip_grad_norm_``).
     """
     check_keras_optimizer(cfg, field=field)
-    common: dict[str, Any] = {"learning_rate": cfg.lr, "global_clipnorm": cfg.grad_clip}
+    common: dict[str, Any] = {"learning_rate": cfg.initial_lr, "global_clipnorm": cfg.grad_clip}
     optimizer: Any
     if cfg.label == "sgd":
         optimizer = keras.optimizers.SGD(momentum=cfg.momentum, **cfg.kwargs, **common)
