@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -493,11 +494,12 @@ class OptimizerConfig(_Config):
             raise ValueError(f"must be > 0, got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _auto_options(self) -> OptimizerConfig:
-        if self.auto is not None and self.lr != "auto":
-            raise ValueError("auto: options of the LR search; they need lr: auto")
-        return self
+    @field_validator("auto")
+    @classmethod
+    def _auto_options(cls, value: AutoLRConfig | None, info: ValidationInfo) -> AutoLRConfig | None:
+        if value is not None and info.data.get("lr", "auto") != "auto":
+            raise ValueError("options of the LR search; they need lr: auto")
+        return value
 
     @property
     def is_auto(self) -> bool:
