@@ -218,7 +218,7 @@ def quadratic_stage(curvatures: list[float], **auto: Any) -> tuple[Any, torch.nn
                     "data": "@regression",
                     "loss": "mse",
                     "optimizer": {"name": "sgd", "lr": "auto", "auto": {
-                        "lr_min": 1e-4, "lr_max": 10.0, "range_steps": 50, "trial_steps": 10,
+                        "lr_min": 1e-4, "lr_max": 100.0, "range_steps": 50, "trial_steps": 10,
                         **auto}},
                 }
             ],
@@ -254,10 +254,10 @@ def test_picks_the_known_optimal_sgd_lr_of_a_quadratic_within_a_factor_of_two(
 def test_every_candidate_diverging_falls_back_to_the_smallest_with_a_warning(
     tmp_path: Path,
 ) -> None:
-    # The range test starts at 40 (its pick: 10, the candidates 2.5 ... 40) on a quadratic
+    # The range test starts at 100 (its pick: 10, the candidates 2.5 ... 40) on a quadratic
     # whose divergence starts at 2 / h_max = 1.
     _, model, curriculum = quadratic_stage(
-        [0.25, 0.4, 0.7, 1.0], lr_min=40.0, lr_max=400.0, range_steps=10, trial_steps=5
+        [0.25, 0.4, 0.7, 1.0], lr_min=100.0, lr_max=1000.0, range_steps=10, trial_steps=5
     )
     with pytest.raises(TrainingError, match="non-finite loss"):  # 2.5 diverges too, as found
         fit(model, curriculum, run_dir=tmp_path / "run", progress=False, tensorboard=False)
@@ -509,3 +509,31 @@ def test_rank_zero_decides_whatever_another_rank_computed() -> None:
     # Another seed: another held-out slice and other scores on this "rank".
     other = search_lr(stage, model, optimizer, follower, seed=4)
     assert other.to_dict() == chosen.to_dict()
+
+
+def test_a_diverging_tail_does_not_hide_the_range_tests_minimum() -> None:
+    """A flat, noisy loss, a dip near 0.1 and a blow-up to 10x (noisy-digits' first range
+    test): the edge is the dip. Smoothing backwards used to carry the tail's huge values
+    into the dip, so the edge fell on the very first LR."""
+    from stagetrain.config import AutoLRConfig
+    from stagetrain.lr_search import pick_lr
+
+    lrs = [1e-6 * 2.07**i for i in range(20)]
+    losses = [2.29, 2.30, 2.28, 2.29, 2.33, 2.28, 2.30, 2.31, 2.32, 2.28,
+              2.25, 2.25, 2.23, 2.14, 1.95, 1.76, 1.19, 2.05, 7.42, 25.2]  # fmt: skip
+    pick, edge, _ = pick_lr(lrs, losses, AutoLRConfig())
+    assert edge is not None and lrs[14] <= edge <= lrs[16]
+    assert pick == pytest.approx(0.1 * edge)
+
+
+def test_on_a_plateau_the_edge_is_where_the_loss_starts_to_rise() -> None:
+    """Parity's loss stays at ln 2 (+-3 % noise) until the LR is too large: the minimum is
+    noise, so the edge is the divergence point, the last LR before the rise."""
+    from stagetrain.config import AutoLRConfig
+    from stagetrain.lr_search import pick_lr
+
+    rng = np.random.default_rng(0)
+    lrs = [1e-6 * 1.6**i for i in range(28)]
+    losses = [*(0.69 + 0.02 * rng.standard_normal(24)), 0.88, 3.39, 1.53, 14.3]
+    _, edge, _ = pick_lr(lrs, losses, AutoLRConfig())
+    assert edge in (lrs[22], lrs[23])

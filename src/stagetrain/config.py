@@ -389,10 +389,11 @@ class AutoLRConfig(_Config):
     lr_max: float = Field(default=1.0, gt=0)
     """LR of its last step (the test stops early once the loss diverges)."""
     rule: Literal["divergence", "steepest"] = "divergence"
-    """The range test's pick: ``divergence``: ``fraction`` x the LR where the smoothed loss
-    is lowest (beyond it the loss rises: the edge of divergence); ``steepest``: the LR
-    where the smoothed loss falls fastest against log(LR)."""
-    fraction: float = Field(default=0.25, gt=0, le=1)
+    """The range test's pick: ``divergence``: ``fraction`` x the edge — the LR where the
+    smoothed loss is lowest, or on a plateau the last one before the loss rises above its
+    starting level; ``steepest``: the LR below the edge where the smoothed loss falls
+    fastest against log(LR)."""
+    fraction: float = Field(default=0.1, gt=0, le=1)
     """``divergence`` rule: the pick as a fraction of the edge."""
     smoothing: float = Field(default=0.8, ge=0, lt=1)
     """Factor of the exponential moving average that smooths the range test's loss."""

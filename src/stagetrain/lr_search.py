@@ -9,16 +9,22 @@ hand-off), in two measurements:
    whose LR grows geometrically from ``lr_min`` to ``lr_max``, stopped once the loss
    diverges (its moving average exceeds ``divergence`` x its lowest, or it is not
    finite). For the pick the loss curve is smoothed by an exponential moving average
-   run forwards and then backwards, which has no lag along the LR axis. The pick is, by
-   ``rule``:
+   run forwards and then backwards, which has no lag along the LR axis (values above
+   the starting level capped first, so a diverging tail does not leak backwards). The
+   *edge* is the LR where the smoothed loss is lowest — if it dipped at least 5 %
+   below its starting level; on a plateau (no such dip: the minimum would be noise) it
+   is the *divergence point*, the last LR before the loss's moving average first rises
+   5 % above its starting level (and the earlier of the two when both exist). The
+   pick is, by ``rule``:
 
-   * ``divergence`` (default): ``fraction`` x the *edge*, the LR where the smoothed
-     loss is lowest — beyond it the loss rises;
+   * ``divergence`` (default): ``fraction`` (default 0.1) x the edge — the classic
+     "a tenth of where the loss turns";
    * ``steepest``: the LR below the edge where the smoothed loss falls fastest per unit
      of log(LR).
 
 2. **Successive halving** (Jamieson & Talwalkar 2016): ``candidates`` LRs, the pick x
-   ``spread``^k for k centred on 0 (five candidates: pick/4 ... 4 pick), each trained
+   ``spread``^k for k centred on 0 (five candidates: pick/4 ... 4 pick, i.e. the edge
+   / 40 ... the edge x 0.4 by default), each trained
    from the stage's start for ``trial_steps`` at its constant LR and scored by the
    stage's own loss on a held-out slice; the best ``1 / eta`` train again from the
    start for ``eta`` x as many steps, and so on down to two; the best of the last rung
@@ -28,7 +34,10 @@ hand-off), in two measurements:
    chosen and the result says ``fallback`` (drivers log a warning).
 
 The stage then trains with the chosen LR as its peak, times its warmup and schedule
-(the search itself runs at constant LRs and without the stage's warmup).
+(the search itself runs at constant LRs and without the stage's warmup). Trials of a
+few steps favour LRs that make quick progress: on long stages of noisy tasks they can
+choose higher LRs than the best for the whole stage (short-horizon bias; see
+benchmarks/README.md for how large that is on the built-in recipes).
 
 Determinism: every unit of the search (the start score, the range test, each trial)
 begins from the same snapshot with the random generators seeded by (seed, stage,
@@ -471,22 +480,60 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def smooth(values: Sequence[float], beta: float) -> np.ndarray:
+DIP = 0.05
+"""A range test's loss must fall (rise) this fraction below (above) its starting level for
+a minimum (a divergence) to count: loss noise on a plateau is smaller."""
+
+
+def _ema(x: np.ndarray, beta: float) -> np.ndarray:
+    """The bias-corrected exponential moving average of ``x`` (causal)."""
+    out = np.empty_like(x)
+    avg = 0.0
+    for i, v in enumerate(x):
+        avg = beta * avg + (1 - beta) * v
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def _start_level(x: np.ndarray) -> float:
+    """The curve's starting level: the median of its first tenth (at least three points)."""
+    return float(np.median(x[: max(3, len(x) // 10)]))
+
+
+def smooth(values: Sequence[float] | np.ndarray, beta: float) -> np.ndarray:
     """A zero-phase exponential moving average: forwards, then backwards over the result
-    (bias-corrected both ways), so a drop or a rise is not shifted along the axis."""
+    (bias-corrected both ways), so a drop or a rise is not shifted along the axis.
 
-    def ema(x: np.ndarray) -> np.ndarray:
-        out = np.empty_like(x)
-        avg = 0.0
-        for i, v in enumerate(x):
-            avg = beta * avg + (1 - beta) * v
-            out[i] = avg / (1 - beta ** (i + 1))
-        return out
-
+    Values above the curve's starting level are capped there first: a diverging tail,
+    often 10-100x the loss, would otherwise leak backwards into the LRs just before it
+    and hide the minimum."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) == 0:
         return x
-    return ema(ema(x)[::-1])[::-1]
+    x = np.minimum(x, _start_level(x))
+    return _ema(_ema(x, beta)[::-1], beta)[::-1]
+
+
+def range_edge(losses: Sequence[float], beta: float) -> tuple[int, np.ndarray]:
+    """Index of the range test's edge and the smoothed curve.
+
+    When the smoothed loss dips :data:`DIP` below its starting level, the edge is its
+    minimum. On a plateau (no such dip: the minimum is noise) it is the *divergence
+    point*, the last step before the loss's causal moving average first rises above the
+    starting level by :data:`DIP` or by three standard deviations of that average on
+    the plateau, whichever is more (the noise estimated from the first half's spread).
+    """
+    x = np.asarray(losses, dtype=np.float64)
+    curve = smooth(x, beta)
+    start = _start_level(x)
+    low = int(np.argmin(curve))
+    if curve[low] < start * (1 - DIP):
+        return low, curve
+    half = x[: max(3, len(x) // 2)]
+    noise = 1.4826 * float(np.median(np.abs(half - np.median(half))))
+    margin = max(DIP * abs(start), 3 * noise * math.sqrt((1 - beta) / (1 + beta)))
+    above = np.nonzero(_ema(x, beta) > start + margin)[0]
+    return (max(int(above[0]) - 1, 0) if len(above) else len(x) - 1), curve
 
 
 def pick_lr(
@@ -499,8 +546,7 @@ def pick_lr(
     if len(losses) < 2:
         # Diverged at once: the smallest LR tried is the only evidence.
         return float(lrs[0]), None, np.asarray(losses, dtype=np.float64)
-    curve = smooth(losses, cfg.smoothing)
-    low = int(np.argmin(curve))
+    low, curve = range_edge(losses, cfg.smoothing)
     edge = float(lrs[low])
     if cfg.rule == "divergence":
         return cfg.fraction * edge, edge, curve
