@@ -19,7 +19,7 @@ from stagetrain.config import (
     load_config,
     parse_config,
 )
-from stagetrain.curriculum import Curriculum, Stage, StepInfo
+from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.data import TensorPairDataset
 from stagetrain.errors import (
     CheckpointError,
@@ -29,6 +29,7 @@ from stagetrain.errors import (
     TrainingError,
 )
 from stagetrain.handoff import apply_freeze, apply_handoff, enter_stage
+from stagetrain.ownloop import StepInfo
 from stagetrain.plan import Plan, make_plan
 from stagetrain.state import TrainState
 from stagetrain.time import Duration, TimeContext, TimeUnit
