@@ -42,7 +42,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -315,8 +315,16 @@ class CheckpointStore:
         manifest is missing or unreadable).
         """
         entries, problem = self._read_manifest()
+        scanned = {e.file: e for e in self.scan()}
+        # The sidecar of the same file (same checksum) knows the state counters.
+        entries = [
+            replace(e, state=scanned[e.file].state)
+            if e.file in scanned and scanned[e.file].sha256 == e.sha256
+            else e
+            for e in entries
+        ]
         named = {e.file for e in entries}
-        extra = [e for e in self.scan() if e.file not in named]
+        extra = [e for name, e in scanned.items() if name not in named]
         return sorted([*entries, *extra], key=lambda e: e.step), problem
 
     def latest_entry(self) -> ManifestEntry | None:
