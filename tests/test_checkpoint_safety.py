@@ -425,3 +425,82 @@ def test_saves_write_a_sidecar_per_checkpoint_and_prune_both(tmp_path: Path) -> 
     assert meta["state"] == {"step": 40, "stage_index": 0, "stage_step": 40}
     with zipfile.ZipFile(store.directory / "ckpt-00000040.pt") as archive:
         assert archive.testzip() is None
+
+
+# --- fuzz: hostile manifests, sidecars and checkpoint files ------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_HOSTILE_NAMES = st.sampled_from(
+    ["../outside.pt", "/etc/passwd", "ckpt-00000010.pt", "ckpt-00000020.pt", "ckpt-1.pt",
+     "sub/ckpt-00000030.pt", "manifest.json", "ckpt-00000030.json", "", ".", "..",
+     "ckpt-00000030.pt\x00", "ckpt-00000099.pt"]
+)  # fmt: skip
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats(allow_nan=True) | st.text(max_size=8) | _HOSTILE_NAMES,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["file", "step", "stage", "sha256", "checkpoints", "state", "format", "bytes"]), inner, max_size=5),
+    max_leaves=12,
+)  # fmt: skip
+_DAMAGE = st.sampled_from(["none", "flip", "truncate", "empty", "directory", "pickle", "delete"])
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    manifest=st.one_of(_JSON, st.builds(lambda e: {"checkpoints": e}, st.lists(st.fixed_dictionaries({"file": _HOSTILE_NAMES, "step": st.integers(0, 50), "stage": st.just("s"), "sha256": st.just("0" * 64)}), max_size=4))),
+    sidecar=st.one_of(st.none(), _JSON),
+    damage=st.tuples(_DAMAGE, _DAMAGE, _DAMAGE),
+)  # fmt: skip
+def test_fuzzed_run_directories_fail_cleanly_and_touch_nothing_outside(
+    tmp_path_factory: pytest.TempPathFactory,
+    manifest: Any,
+    sidecar: Any,
+    damage: tuple[str, str, str],
+) -> None:
+    root = tmp_path_factory.mktemp("fuzz")
+    outside = root / "outside.pt"
+    outside.write_bytes(b"precious")
+    store = filled(root)
+    for step, how in zip((10, 20, 30), damage, strict=True):
+        path = store.directory / f"ckpt-{step:08d}.pt"
+        if how == "flip":
+            data = bytearray(path.read_bytes())
+            data[len(data) // 3] ^= 0x55
+            path.write_bytes(bytes(data))
+        elif how == "truncate":
+            path.write_bytes(path.read_bytes()[:100])
+        elif how == "empty":
+            path.write_bytes(b"")
+        elif how == "directory":
+            path.unlink()
+            path.mkdir()
+        elif how == "pickle":
+            path.write_bytes(pickle.dumps({"format": 1}))
+        elif how == "delete":
+            path.unlink()
+    if sidecar is not None:
+        (store.directory / "ckpt-00000030.json").write_text(json.dumps(sidecar))
+    store.manifest_path.write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            loaded, entry = store.load_latest()
+        except CheckpointError as exc:
+            one_line(exc)
+        else:
+            assert loaded["state"]["step"] == entry.step and entry.step in (10, 20, 30)
+            intact = [s for s, how in zip((10, 20, 30), damage, strict=True) if how == "none"]
+            # never older than the newest intact one (a flipped byte outside every CRC
+            # can leave a file loadable when its sidecar was destroyed too)
+            assert entry.step >= max(intact, default=0)
+        try:
+            store.save(payload(40), step=40, stage="s")
+        except CheckpointError as exc:
+            one_line(exc)
+    assert outside.read_bytes() == b"precious"
+    assert {p.name for p in root.iterdir()} == {"outside.pt", "run"}

@@ -197,3 +197,27 @@ def test_construction_and_late_steps_are_constant_time_and_memory() -> None:
     tracemalloc.stop()
     assert len(batch) == 1024 and ((batch < 1000).sum() in (341, 342))
     assert seconds < 1.0 and peak < 50 * 2**20, (seconds, peak)
+
+
+def test_a_resume_state_skips_the_blocks_before_it() -> None:
+    import json
+
+    calls = {"n": 0}
+
+    def counted(t: float) -> float:
+        calls["n"] += 1
+        return 1.0 - t / 50_000
+
+    weights = [counted, constant(0.5), linear(0.0, 2.0, 50_000)]
+    first = Apportionment(weights, 16, 50_000, chunk=1000)
+    expected = [first.counts(t) for t in range(43_000, 43_200)]
+    state = json.loads(json.dumps(first.resume_state(43_050)))  # through a checkpoint
+    assert state["block"] == 43 and len(state["cursor"]) == 3
+    calls["n"] = 0
+    resumed = Apportionment(weights, 16, 50_000, chunk=1000)
+    resumed.restore(state)
+    again = [resumed.counts(t) for t in range(43_000, 43_200)]
+    assert all(np.array_equal(a, b) for a, b in zip(again, expected, strict=True))
+    assert calls["n"] <= 2 * 1000 + 300  # two blocks and the probe, not 43 blocks
+    constant_mix = Apportionment([constant(1.0), constant(2.0)], 8, 10**9)
+    assert constant_mix.resume_state(10**8) is None  # nothing to store: closed form
