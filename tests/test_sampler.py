@@ -221,3 +221,10 @@ def test_a_resume_state_skips_the_blocks_before_it() -> None:
     assert calls["n"] <= 2 * 1000 + 300  # two blocks and the probe, not 43 blocks
     constant_mix = Apportionment([constant(1.0), constant(2.0)], 8, 10**9)
     assert constant_mix.resume_state(10**8) is None  # nothing to store: closed form
+
+
+def test_non_finite_constant_weights() -> None:
+    inf, nan = float("inf"), float("nan")
+    assert Apportionment([constant(inf), constant(1.0)], 8, 10).totals().tolist() == [80, 0]
+    assert Apportionment([constant(nan), constant(1.0)], 8, 10).totals().tolist() == [0, 80]
+    assert Apportionment([0.0, 0.0, 0.0], 9, 10).totals().tolist() == [30, 30, 30]

@@ -22,6 +22,7 @@ so any step's counts and cursor cost O(number of sources), whatever the stage le
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -284,7 +285,9 @@ def _as_schedule(weight: Schedule | float) -> Schedule:
 
 def _constant_tree(weights: list[float], batch_size: int) -> tuple[_Split, float]:
     """The prefix-floor tree of constant weights, and its bound on the drift."""
-    exact = [Fraction(w) for w in weights]
+    if any(math.isinf(w) for w in weights):  # the limit: infinite weights share evenly
+        weights = [1.0 if math.isinf(w) else 0.0 for w in weights]
+    exact = [Fraction(w) if math.isfinite(w) else Fraction(0) for w in weights]
     if sum(exact) == 0:
         exact = [Fraction(1)] * len(weights)
     total = sum(exact, Fraction(0))
