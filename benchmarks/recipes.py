@@ -5,9 +5,11 @@
 
 Each recipe runs its curriculum and controls over seeds (full: 10 seeds for the cheap
 recipes and shapes, 5 for charlm; quick: 2 seeds), then writes
-benchmarks/results/<recipe>[-quick].md (a table: median and 95 % bootstrap interval
-of the mean over seeds, paired differences with Wilcoxon p-values) and a .json with
-the raw per-seed numbers. Runs live under runs/bench/; a rerun skips finished runs.
+benchmarks/results/<recipe>[-quick].json with the per-seed values (final metric and
+steps to the target per arm) and <recipe>[-quick].md, the table that
+``benchmarks/tables.py`` renders from that JSON with stagetrain's own statistics and
+verdicts (exact sign-flip tests and their inverted intervals, BCa intervals, censored
+time to target). Runs live under runs/bench/; a rerun skips finished runs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,9 @@ import torch
 import yaml
 
 from stagetrain.compare import Analysis, TargetMetric, compare, markdown_table, read_run
-from stagetrain.stats import paired_difference, summarize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tables import recipe_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -58,6 +64,7 @@ def run_compare(
 
 
 def write_result(name: str, quick: bool, text: str, data: dict[str, Any]) -> None:
+    """Write results/<name>[-quick].md (``text``) and .json (``data``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-quick" if quick else name
     (RESULTS / f"{stem}.md").write_text(text + f"\n\nMachine: {machine()}.\n")
@@ -65,8 +72,42 @@ def write_result(name: str, quick: bool, text: str, data: dict[str, Any]) -> Non
     print(text)
 
 
-def per_seed(analysis: Analysis) -> dict[str, list[float | None]]:
-    return {a.arm: [r.final for r in a.runs] for a in analysis.arms}
+def write_recipe(name: str, quick: bool, description: str, tables: list[dict[str, Any]],
+                 *, notes: Sequence[str] = (), extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Store a recipe's per-seed values and the table tables.py renders from them."""
+    command = f"python benchmarks/recipes.py {name}{' --quick' if quick else ''}"
+    data = {"recipe": name, "quick": quick, "command": command, "machine": machine(),
+            "description": description, "tables": tables, "notes": list(notes),
+            "extra": extra or {}}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-quick" if quick else name
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1, default=float))
+    text = recipe_markdown(data)
+    (RESULTS / f"{stem}.md").write_text(text + "\n")
+    print(text)
+
+
+def table_of(
+    analysis: Analysis, *, title: str = "", labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """An analysis as stored per-seed values: final metric and steps to the target per arm
+    (``None``: the run failed / never reached the target)."""
+    hib = analysis.metric.higher_is_better
+    arms: dict[str, dict[str, Any]] = {}
+    for a in analysis.arms:
+        entry: dict[str, Any] = {
+            "final": [r.final if r.status == "completed" else None for r in a.runs]
+        }
+        if analysis.target is not None:
+            entry["steps_to_target"] = [
+                h["step"] if (h := r.time_to(analysis.target, hib)) else None for r in a.runs
+            ]
+        arms[(labels or {}).get(a.arm, a.arm)] = entry
+    baseline = (labels or {}).get("baseline", "baseline")
+    return {"title": title, "metric": str(analysis.metric), "higher_is_better": hib,
+            "baseline": baseline if baseline in arms else next(iter(arms)),
+            "target": analysis.target, "seeds": analysis.seeds,
+            "data_seeds": analysis.data_seeds, "arms": arms}  # fmt: skip
 
 
 def parity(quick: bool, jobs: int) -> None:
@@ -82,19 +123,8 @@ def parity(quick: bool, jobs: int) -> None:
         metric="test.accuracy",
         target=0.95,
     )
-    steps = {
-        a.arm: [h["step"] if (h := r.time_to(0.95, True)) else None for r in a.runs]
-        for a in analysis.arms
-    }
-    text = (
-        f"### parity ({'quick' if quick else 'full'})\n\nCommand: `python benchmarks/recipes.py parity{' --quick' if quick else ''}`\n\n"
-        + markdown_table(analysis)
-    )
-    text += (
-        "\n\nSteps to 95 % test accuracy per seed (None: not reached within the budget): "
-        + json.dumps(steps)
-    )
-    write_result("parity", quick, text, {"final": per_seed(analysis), "steps_to_95": steps})
+    write_recipe("parity", quick, "Steps to 95 % test accuracy, and the final accuracy.",
+                 [table_of(analysis)])  # fmt: skip
 
 
 def noisy_digits(quick: bool, jobs: int) -> None:
@@ -108,11 +138,8 @@ def noisy_digits(quick: bool, jobs: int) -> None:
         jobs=jobs,
         metric="test.accuracy",
     )
-    text = (
-        f"### noisy-digits ({'quick' if quick else 'full'})\n\nCommand: `python benchmarks/recipes.py noisy-digits{' --quick' if quick else ''}`\n\n"
-        + markdown_table(analysis)
-    )
-    write_result("noisy-digits", quick, text, {"final": per_seed(analysis)})
+    write_recipe("noisy-digits", quick, "Clean test accuracy at the end of training.",
+                 [table_of(analysis)])  # fmt: skip
 
 
 def _early_stopped_test_error(out: Path, arm: str, seed: int) -> float | None:
@@ -123,37 +150,6 @@ def _early_stopped_test_error(out: Path, arm: str, seed: int) -> float | None:
         return None
     best = int(np.argmax([p["value"] for p in val]))
     return 1.0 - test[best]["value"]
-
-
-def paired_rows(
-    values: dict[str, list[float | None]],
-    order: list[str],
-    baseline: str,
-    *,
-    higher_is_better: bool,
-) -> list[str]:
-    """Table rows: median [IQR], mean [95% CI], paired difference to ``baseline`` and its p-value."""
-    rows = []
-    for label in order:
-        present = [v for v in values.get(label, []) if v is not None]
-        if not present:
-            continue
-        s = summarize(present)
-        delta = p = "—"
-        if label != baseline:
-            pairs = [
-                (a, b)
-                for a, b in zip(values[label], values[baseline], strict=True)
-                if a is not None and b is not None
-            ]
-            d = paired_difference(
-                [a for a, _ in pairs], [b for _, b in pairs], higher_is_better=higher_is_better
-            )
-            delta, p = f"{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]", f"{d.p_value:.3g}"
-        rows.append(
-            f"| {label} | {s.median:.4f} [{s.q25:.4f}, {s.q75:.4f}] | {s.mean:.4f} [{s.ci_low:.4f}, {s.ci_high:.4f}] | {delta} | {p} |"
-        )
-    return rows
 
 
 PAPER_EPOCHS = 256
@@ -195,12 +191,16 @@ def shapes(quick: bool, jobs: int, epochs: int = 32) -> None:
                 "easy-only": "Basic only",
             }[arm]
             errors[label] = [_early_stopped_test_error(out, arm, seed) for seed in analysis.seeds]
-    lines = [f"### shapes ({'quick' if quick else 'full'})", "",
-             f"Command: `python benchmarks/recipes.py shapes{' --quick' if quick else ''}{f' --shapes-epochs {epochs}' if epochs != 32 else ''}`. Budget {total} epochs (the paper's 256 × {epochs}/256); switch epochs S = the paper's {{2, 4, ..., 128}} scaled alike; test error on GeomShapes test at the epoch of best GeomShapes validation accuracy (early stopping); {seeds} seeds.", "",
-             "| arm | test error median [IQR] | mean [95% CI] | Δ vs S=0 [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
     order = ["S=0 (Geom only)"] + [f"S={s:g}" for s in switches] + ["union", "Basic only"]
-    lines += paired_rows(errors, order, "S=0 (Geom only)", higher_is_better=False)
-    write_result(name, quick, "\n".join(lines), {"test_error": errors})
+    table = {"title": "", "metric": "early-stopped GeomShapes test error", "higher_is_better": False,
+             "baseline": "S=0 (Geom only)", "target": None, "seeds": list(range(seeds)),
+             "arms": {label: {"final": errors[label]} for label in order if label in errors}}  # fmt: skip
+    description = (f"Budget {total} epochs (the paper's 256 × {epochs}/256); switch epochs S = the paper's "
+                   "{2, 4, ..., 128} scaled alike; test error on GeomShapes test at the epoch of best "
+                   f"GeomShapes validation accuracy (early stopping); {seeds} seeds.")  # fmt: skip
+    if epochs != 32:
+        description = f"(`--shapes-epochs {epochs}`) " + description
+    write_recipe(name, quick, description, [table])
 
 
 def shapes_sweep(quick: bool, jobs: int) -> None:
@@ -268,19 +268,15 @@ def addition(quick: bool, jobs: int) -> None:
             finals[name if a.arm == "curriculum" else "baseline (4 digits only)"] = [
                 r.final for r in a.runs
             ]
-        tables.append(f"#### {name}\n\n" + markdown_table(analysis))
-    lines = [f"### addition ({'quick' if quick else 'full'})", "",
-             f"Command: `python benchmarks/recipes.py addition{' --quick' if quick else ''}`. A GRU reads each problem as text (a, +, b, = least significant digit first) and emits the sum. Exact-match accuracy on 2,000 4-digit test sums after 3,000 steps (batch 64), {seeds} seeds; every strategy has the same budget and LR.", "",
-             "| strategy | exact match median [IQR] | mean [95% CI] | Δ vs baseline [95% CI] | Wilcoxon p |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += paired_rows(
-        finals,
-        ["baseline (4 digits only)", "naive", "mixed", "combined"],
-        "baseline (4 digits only)",
-        higher_is_better=True,
-    )
-    write_result(
-        "addition", quick, "\n".join(lines) + "\n\n" + "\n\n".join(tables), {"exact_match": finals}
-    )
+        tables.append(f"#### {name} (its own compare)\n\n" + markdown_table(analysis))
+    table = {"title": "strategies against the 4-digit-only baseline", "metric": "test.exact_match",
+             "higher_is_better": True, "baseline": "baseline (4 digits only)", "target": None,
+             "seeds": list(range(seeds)),
+             "arms": {k: {"final": finals[k]} for k in ["baseline (4 digits only)", "naive", "mixed", "combined"]}}  # fmt: skip
+    description = ("A GRU reads each problem as text (a, +, b, = least significant digit first) and emits "
+                   "the sum. Exact-match accuracy on 2,000 4-digit test sums after 3,000 steps (batch 64), "
+                   f"{seeds} seeds; every strategy has the same budget and LR.")  # fmt: skip
+    write_recipe("addition", quick, description, [table], notes=tables)
 
 
 def charlm(quick: bool, jobs: int) -> None:
@@ -297,27 +293,24 @@ def charlm(quick: bool, jobs: int) -> None:
     from stagetrain.report import write_report
 
     html, _ = write_report(out)
-    text = (
-        f"### charlm ({'quick' if quick else 'full'})\n\nCommand: `python benchmarks/recipes.py charlm{' --quick' if quick else ''}` (plots against tokens-equivalent steps and wall-clock: `{html.relative_to(ROOT)}`)\n\n"
-        + markdown_table(analysis)
-    )
     target = analysis.target
     assert target is not None
+    hib = analysis.metric.higher_is_better
     tokens = {
-        a.arm: [h["tokens"] if (h := r.time_to(target, False)) else None for r in a.runs]
+        a.arm: [h["tokens"] if (h := r.time_to(target, hib)) else None for r in a.runs]
         for a in analysis.arms
     }
-    text += (
-        f"\n\nTokens to reach the long-only median final loss ({target:.4f}) per seed (None: not reached): "
-        + json.dumps(tokens)
-    )
     wall = {
-        a.arm: [r.curve[-1]["time"] if r.curve else None for r in a.runs] for a in analysis.arms
+        a.arm: [round(r.curve[-1]["time"], 1) if r.curve else None for r in a.runs]
+        for a in analysis.arms
     }
-    text += "\n\nWall-clock seconds per run: " + json.dumps(
-        {k: [round(v, 1) if v else v for v in vs] for k, vs in wall.items()}
-    )
-    write_result("charlm", quick, text, {"final_val_loss": per_seed(analysis), "wall_s": wall})
+    notes = [
+        f"Tokens to reach the long-only median final loss ({target:.4f}) per seed (None: not reached): {json.dumps(tokens)}",
+        f"Wall-clock seconds per run: {json.dumps(wall)}",
+        f"Plots against tokens and wall-clock: `{html.relative_to(ROOT)}`.",
+    ]
+    write_recipe("charlm", quick, "Validation loss at context 256 after an equal token budget.",
+                 [table_of(analysis)], notes=notes, extra={"tokens_to_target": tokens, "wall_s": wall})  # fmt: skip
 
 
 RECIPES = {

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # identical float reductions in every process: bitwise tests rely on it
+# Keras (stagetrain[keras]) picks its backend when first imported; the suite uses torch.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
 def tiny_config_dict(**overrides: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 
 import stagetrain.checkpoint as ck
 from stagetrain.checkpoint import (
+    LOOP_KEYS,
     CheckpointStore,
     atomic_write,
     remove_orphan_temps,
@@ -48,7 +49,7 @@ def payload(step: int, stage_index: int = 0) -> dict[str, Any]:
 
 
 def filled(tmp_path: Path, steps: tuple[int, ...] = (10, 20, 30), keep: int = 3) -> CheckpointStore:
-    store = CheckpointStore(tmp_path / "run" / "checkpoints", keep=keep)
+    store = CheckpointStore(tmp_path / "run" / "checkpoints", keep=keep, required=LOOP_KEYS)
     for step in steps:
         store.save(payload(step), step=step, stage="easy")
     return store
@@ -269,12 +270,14 @@ def test_any_unloadable_newest_checkpoint_falls_back_to_the_older_one(
 
 def test_validate_payload_names_every_missing_key(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as info:
-        validate_payload({"format": 1, "model": {}}, tmp_path / "x.pt")
+        validate_payload({"format": 1, "model": {}}, tmp_path / "x.pt", required=LOOP_KEYS)
     message = one_line(info.value)
     assert "missing 'optimizer', 'state', 'rng'" in message
-    validate_payload({"format": 1, **payload(1)}, tmp_path / "x.pt")  # complete: no error
-    custom = ("format", "model")
-    validate_payload({"format": 1, "model": {}}, tmp_path / "x.pt", required=custom)
+    validate_payload({"format": 1, **payload(1)}, tmp_path / "x.pt", required=LOOP_KEYS)
+    # By default only what every stagetrain checkpoint has (the Keras adapter's too).
+    validate_payload({"format": 1, "state": payload(1)["state"], "keras": {}}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="missing 'state'"):
+        validate_payload({"format": 1, "model": {}}, tmp_path / "x.pt")
 
 
 # --- temp files of killed writes --------------------------------------------------------

@@ -133,6 +133,45 @@ def test_metric_triggered_transition_happens_at_the_same_step_on_every_rank(tmp_
     assert end["reason"] == "plateau" and end["step"] == start1
 
 
+COLLECTIVES_PROBE = """
+import json, sys
+import torch.distributed as dist
+import stagetrain
+from stagetrain.train import TorchEngine
+
+engine = TorchEngine()
+calls = []
+
+def checked(name, fn):
+    def wrapper(tensor, *args, **kwargs):
+        # Every tensor the curriculum hands to a collective is on the engine's device.
+        assert tensor.device == engine.device, (name, tensor.device, engine.device)
+        calls.append(name)
+        return fn(tensor, *args, **kwargs)
+    return wrapper
+
+dist.all_reduce = checked("all_reduce", dist.all_reduce)
+dist.broadcast = checked("broadcast", dist.broadcast)
+curriculum = stagetrain.Curriculum.from_file(sys.argv[1])
+stagetrain.fit(curriculum.build_model(), curriculum, run_dir=sys.argv[2] + "/run", progress=False,
+               tensorboard=False, engine=engine)
+json.dump(calls, open(f"{sys.argv[2]}/calls{engine.info.rank}.json", "w"))
+"""
+
+
+def test_every_collective_tensor_is_on_the_engine_device(tmp_path: Path) -> None:
+    config = tiny_config_dict(eval_every="5ba")
+    config["stages"][0]["advance"] = {"metric": "test.loss", "patience": 2, "delta": 0.02}
+    config["nonfinite"] = {"policy": "skip"}  # the per-step non-finite flag is agreed too
+    path = write_config(tmp_path, config)
+    (tmp_path / "probe.py").write_text(COLLECTIVES_PROBE)
+    torchrun([str(tmp_path / "probe.py"), str(path), str(tmp_path)])
+    for rank in range(2):
+        calls = json.loads((tmp_path / f"calls{rank}.json").read_text())
+        # evaluation sums and non-finite flags (all_reduce), advance decisions (broadcast)
+        assert calls.count("broadcast") >= 2 and calls.count("all_reduce") > 70
+
+
 def test_killed_rank_is_restarted_and_the_job_resumes(tmp_path: Path) -> None:
     def config_with(at: int) -> dict[str, Any]:
         config = tiny_config_dict()

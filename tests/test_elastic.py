@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers_for_tests import StopAt
 from scipy.stats import chisquare
 
 from stagetrain import ConfigError, Curriculum, fit, parse_config
@@ -290,7 +291,7 @@ def test_two_stage_elastic_training_resumes_exactly_mid_stage_two(tmp_path: Path
     full, result = run(config, tmp_path / "full")
     assert result.state.step == 14
     assert set(result.metrics) == {"val_full", "val_mid", "val_small"}
-    run(config, tmp_path / "cut", stop_after=11)  # checkpoint at step 8, in stage 2
+    run(config, tmp_path / "cut", callbacks=[StopAt(11)])  # checkpoint at step 8, in stage 2
     resumed, _ = run(config, tmp_path / "cut", resume=True)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
@@ -304,7 +305,7 @@ def test_router_parameters_get_their_lr_multiplier() -> None:
     cfg = parse_config(elastic_config()).stages[0].optimizer
     assert cfg is not None
     optimizer = build_optimizer(model.named_parameters(), cfg)
-    multipliers = {g["pattern"]: g["lr_multiplier"] for g in optimizer.param_groups}
+    multipliers = {g["pattern"]: g["lr_factor"] for g in optimizer.param_groups}
     assert multipliers == {None: 1.0, "router.*": 10}
     routers = {id(p) for p in model.router.parameters()} if model.router else set()
     group = next(g for g in optimizer.param_groups if g["pattern"] == "router.*")

@@ -39,8 +39,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int]]]:
     seen: list[list[tuple[int, int]]] = []
     original = CurriculumDataset.__getitems__
 
-    def recording(self: CurriculumDataset, keys: list[tuple[int, int]]) -> Any:
-        seen.append(list(keys))
+    def recording(self: CurriculumDataset, keys: Any) -> Any:
+        seen.append([(keys.stage, int(i)) for i in keys.indices])
         return original(self, keys)
 
     monkeypatch.setattr(CurriculumDataset, "__getitems__", recording)
@@ -183,3 +183,23 @@ def test_examples_run(tmp_path: Path, script: str, package: str) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "stage timeline: [(0, 'short'), (40, 'long')]" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpt2_documents_example_runs(tmp_path: Path) -> None:
+    import math
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    example = Path(__file__).parent.parent / "examples" / "gpt2_documents.py"
+    out = subprocess.run(
+        [sys.executable, str(example), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("validation:"))
+    values = eval(line.partition(":")[2])  # the example prints a dict literal
+    assert math.exp(values["loss"]) < 256 and 0 < values["token_accuracy"] < 1

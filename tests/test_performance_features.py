@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers_for_tests import StopAt
 
 from stagetrain import Curriculum, fit, parse_config
-from stagetrain import loop as loop_module
+from stagetrain.train import meter as meter_module
+from stagetrain.train import runner as runner_module
+from stagetrain.train import step as step_module
 
 
 def train(config: dict[str, Any], run_dir: Path, **overrides: Any) -> torch.nn.Module:
@@ -58,19 +61,26 @@ def test_run_options_do_not_change_the_fingerprint(tiny_config: dict[str, Any]) 
 
 
 def test_step_path_reads_nothing_back_from_the_device() -> None:
-    # The loss is read back only in _log_train and _check_finite (logging / checkpoint
-    # intervals); the per-step code must not call .item(), float() or .cpu().
-    for fn in (loop_module._Loop._train_stage, loop_module._Loop._forward_backward):
+    # The loss is read back only in log_train and the guard's flush (logging / evaluation /
+    # checkpoint intervals); the per-step code must not call .item(), float() or .cpu().
+    for fn in (
+        runner_module.Runner.train_stage,
+        step_module.StepRunner.forward_backward,
+        step_module.StepRunner.update,
+        meter_module.IntervalMeter.add,
+    ):
         source = inspect.getsource(fn)
-        for forbidden in (".item(", "float(", ".cpu(", ".tolist("):
+        for forbidden in (".item(", "float(", ".cpu(", ".tolist(", "bool("):
             assert forbidden not in source, (fn.__name__, forbidden)
 
 
 def test_read_backs_happen_only_at_logging_intervals(
     tmp_path: Path, tiny_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from stagetrain.train.guards import NonFiniteGuard
+
     calls = {"log": 0, "check": 0}
-    original_log, original_check = loop_module._Loop._log_train, loop_module._Loop._check_finite
+    original_log, original_check = runner_module.Runner.log_train, NonFiniteGuard.flush
 
     def counting_log(self: Any, *args: Any) -> None:
         calls["log"] += 1
@@ -80,13 +90,15 @@ def test_read_backs_happen_only_at_logging_intervals(
         calls["check"] += 1
         original_check(self, *args)
 
-    monkeypatch.setattr(loop_module._Loop, "_log_train", counting_log)
-    monkeypatch.setattr(loop_module._Loop, "_check_finite", counting_check)
+    monkeypatch.setattr(runner_module.Runner, "log_train", counting_log)
+    monkeypatch.setattr(NonFiniteGuard, "flush", counting_check)
     tiny_config["log_every"] = 10
     tiny_config["checkpoint"] = {"every": None, "keep": 1}
     train(tiny_config, tmp_path / "a")
     assert calls["log"] == 7  # steps 10, 20, ..., 70 of 70
-    assert calls["check"] == 7 + 2  # each log, plus each stage's end
+    # Each log (7), each evaluation (steps 20, 40, 60 and both stage ends: 5), each stage
+    # end (2) and each checkpoint (the two stage ends: 2) -- never once per step.
+    assert calls["check"] == 7 + 5 + 2 + 2
 
 
 @pytest.mark.slow
@@ -109,7 +121,7 @@ def test_fp16_with_gradient_scaler_resumes_exactly(
         run_dir=tmp_path / "cut",
         progress=False,
         tensorboard=False,
-        stop_after=45,
+        callbacks=[StopAt(45)],
     )
     checkpoint = torch.load(
         sorted((tmp_path / "cut" / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config_dict
+from helpers_for_tests import StopAt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,7 +109,9 @@ def test_kill_9_at_the_worst_moments(tmp_path: Path, mode: str) -> None:
 
 def test_damaged_newest_checkpoint_falls_back(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
     full_model, _ = run(tiny_config, tmp_path / "full")
-    run(tiny_config, tmp_path / "cut", stop_after=55)  # checkpoints at 30 (boundary), 40, 50
+    run(
+        tiny_config, tmp_path / "cut", callbacks=[StopAt(55)]
+    )  # checkpoints at 30 (boundary), 40, 50
     newest = tmp_path / "cut" / "checkpoints" / "ckpt-00000050.pt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -122,7 +125,7 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path: Path, tiny_config: dict[
 
 
 def test_no_intact_checkpoint(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
-    run(tiny_config, tmp_path / "cut", stop_after=25)
+    run(tiny_config, tmp_path / "cut", callbacks=[StopAt(25)])
     for path in (tmp_path / "cut" / "checkpoints").glob("ckpt-*.pt"):
         path.write_bytes(b"broken")
     with pytest.raises(CheckpointError, match="no intact checkpoint"):
@@ -159,7 +162,7 @@ def test_pickle_payload_is_refused_and_never_runs(
     ):
         load_checkpoint(evil)
     # The same file slipped into a run directory, checksum and all, is refused on resume.
-    run(tiny_config, tmp_path / "r", stop_after=15)
+    run(tiny_config, tmp_path / "r", callbacks=[StopAt(15)])
     store = CheckpointStore(tmp_path / "r" / "checkpoints")
     newest = tmp_path / "r" / "checkpoints" / store.entries()[-1].file
     shutil.copy(evil, newest)
@@ -269,7 +272,11 @@ def test_nan_skip_limit(tmp_path: Path) -> None:
 def test_nan_rollback_policy(tmp_path: Path) -> None:
     helpers_for_tests.inject_nans(steps={44})  # call 44 = step 44; checkpoint at 40
     _, result = run(nan_config("rollback"), tmp_path / "r")
-    assert result.state.step == 70 and result.state.rollbacks == 1 and result.state.lr_scale == 0.5
+    assert (
+        result.state.step == 70
+        and result.state.rollbacks == 1
+        and result.state.rollback_lr_scale == 0.5
+    )
     records = read_records(tmp_path / "r" / "metrics.jsonl")
     rollback = next(r for r in records if r["type"] == "rollback")
     assert (rollback["step"], rollback["to_step"]) == (44, 40)
@@ -299,7 +306,7 @@ def test_grad_clip_bounds_the_update(tmp_path: Path, tiny_config: dict[str, Any]
 
 
 def test_changed_data_is_detected(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
-    run(tiny_config, tmp_path / "r", stop_after=15)
+    run(tiny_config, tmp_path / "r", callbacks=[StopAt(15)])
     tiny_config["stages"][0]["data"]["args"]["bias"] = 0.7
     tiny_config["stages"].append({**tiny_config["stages"][1], "name": "extra"})
     with pytest.raises(CheckpointError) as info:

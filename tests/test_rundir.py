@@ -177,7 +177,7 @@ def test_overwrite_moves_the_old_run_aside(tmp_path: Path) -> None:
     save(run_dir, 10)
     first = decide_run_dir(run_dir, resume=False, overwrite=True)
     assert first.action == "fresh" and first.moved_to is not None
-    assert first.moved_to.parent == run_dir and first.moved_to.name.startswith(".old-")
+    assert first.moved_to.parent == run_dir and first.moved_to.name.startswith(".replaced-")
     assert (first.moved_to / "metrics.jsonl").read_text() == '{"type": "train", "step": 5}\n'
     assert (first.moved_to / "checkpoints" / "ckpt-00000010.pt").is_file()
     assert sorted(p.name for p in run_dir.iterdir()) == [first.moved_to.name]
@@ -185,6 +185,17 @@ def test_overwrite_moves_the_old_run_aside(tmp_path: Path) -> None:
     second = decide_run_dir(run_dir, resume=False, overwrite=True)
     assert second.moved_to != first.moved_to and first.moved_to.is_dir()
     assert decide_run_dir(run_dir, resume=False).action == "fresh"  # moved-aside runs don't count
+
+
+def test_other_files_neither_block_nor_move(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "slurm-123.out").write_text("job log\n")  # written by the scheduler first
+    assert decide_run_dir(run_dir, resume=False).action == "fresh"
+    used(run_dir)
+    decision = decide_run_dir(run_dir, resume=False, overwrite=True)
+    assert (run_dir / "slurm-123.out").read_text() == "job log\n"
+    assert not (decision.moved_to / "slurm-123.out").exists()
 
 
 def test_resume_with_a_checkpoint(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers_for_tests import StopAt
 
 from stagetrain import CheckpointError, Curriculum, fit, parse_config
 from stagetrain.logs import read_records
@@ -58,7 +59,7 @@ def test_resume_mid_stage_two_is_bitwise_identical(
 ) -> None:
     full_model, _ = run(tiny_config, tmp_path / "full")
     # Stop at step 55 (mid stage 2); the newest checkpoint is at step 50.
-    run(tiny_config, tmp_path / "cut", stop_after=55)
+    run(tiny_config, tmp_path / "cut", callbacks=[StopAt(55)])
     resumed_model, result = run(tiny_config, tmp_path / "cut", resume=True)
     assert result.state.step == 70
     assert_same_weights(full_model, resumed_model)
@@ -69,14 +70,14 @@ def test_resume_from_stage_boundary_checkpoint(tmp_path: Path, tiny_config: dict
     tiny_config["checkpoint"] = {"every": None, "keep": 2}  # only stage-end checkpoints
     tiny_config["stages"][1]["handoff"] = "reset"
     full_model, _ = run(tiny_config, tmp_path / "full")
-    run(tiny_config, tmp_path / "cut", stop_after=45)  # newest checkpoint: end of stage 1
+    run(tiny_config, tmp_path / "cut", callbacks=[StopAt(45)])  # newest checkpoint: end of stage 1
     resumed_model, _ = run(tiny_config, tmp_path / "cut", resume=True)
     assert_same_weights(full_model, resumed_model)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
 def test_resume_refuses_a_changed_curriculum(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
-    run(tiny_config, tmp_path / "r", stop_after=55)
+    run(tiny_config, tmp_path / "r", callbacks=[StopAt(55)])
     tiny_config["stages"][1]["duration"] = "60ba"
     tiny_config["seed"] = 4
     with pytest.raises(CheckpointError) as info:

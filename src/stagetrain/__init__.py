@@ -6,6 +6,7 @@ against honest baselines.
 """
 
 from stagetrain.checkpoint import CheckpointStore, load_checkpoint
+from stagetrain.compare import compare
 from stagetrain.config import (
     CurriculumConfig,
     DataConfig,
@@ -18,7 +19,7 @@ from stagetrain.config import (
     load_config,
     parse_config,
 )
-from stagetrain.curriculum import Curriculum, Stage, StepInfo, TrainState
+from stagetrain.curriculum import Curriculum, Stage, StepInfo
 from stagetrain.data import TensorPairDataset
 from stagetrain.errors import (
     CheckpointError,
@@ -29,14 +30,16 @@ from stagetrain.errors import (
     StageTrainError,
     TrainingError,
 )
-from stagetrain.handoff import apply_freeze, apply_handoff
-from stagetrain.loop import FitResult, RunContext, fit
+from stagetrain.handoff import apply_freeze, apply_handoff, enter_stage
 from stagetrain.plan import Plan, make_plan
+from stagetrain.state import TrainState
 from stagetrain.time import Duration, TimeContext, TimeUnit
+from stagetrain.train import Callback, Engine, FitResult, RunContext, TorchEngine, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "CheckpointStore",
     "ConfigError",
@@ -45,6 +48,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "Duration",
+    "Engine",
     "EnvError",
     "EvalConfig",
     "FitResult",
@@ -62,11 +66,14 @@ __all__ = [
     "TensorPairDataset",
     "TimeContext",
     "TimeUnit",
+    "TorchEngine",
     "TrainState",
     "TrainingError",
     "__version__",
     "apply_freeze",
     "apply_handoff",
+    "compare",
+    "enter_stage",
     "fit",
     "load_checkpoint",
     "load_config",

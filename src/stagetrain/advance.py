@@ -1,7 +1,7 @@
 """Advance rules: when a stage ends because the model is ready, not because time ran out.
 
 The decision is a pure function of the evaluated metric and counters kept in
-:class:`~stagetrain.curriculum.TrainState` (so it survives resume). In a distributed
+:class:`~stagetrain.state.TrainState` (so it survives resume). In a distributed
 run the metric is all-reduced before the decision, so every rank computes the same
 one; the loop also broadcasts rank 0's decision to rule out any float disagreement.
 """
@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from stagetrain.config import AdvanceConfig
-from stagetrain.curriculum import TrainState
+from stagetrain.state import TrainState
 
 
 @dataclass(frozen=True)

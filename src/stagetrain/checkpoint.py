@@ -56,7 +56,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 """The only file names a manifest entry may give (what :meth:`CheckpointStore.save` writes)."""
-REQUIRED_KEYS: tuple[str, ...] = (
+REQUIRED_KEYS: tuple[str, ...] = ("format", "state")
+"""Keys of every stagetrain checkpoint (the built-in loop's and the Keras adapter's)."""
+LOOP_KEYS: tuple[str, ...] = (
     "format",
     "model",
     "optimizer",
@@ -65,9 +67,8 @@ REQUIRED_KEYS: tuple[str, ...] = (
     "fingerprint",
     "config",
     "log_lines",
-    "world_size",
 )
-"""Keys every checkpoint payload of the built-in loop has (:func:`validate_payload`)."""
+"""Keys a checkpoint of the built-in loop needs to resume: pass ``required=LOOP_KEYS``."""
 _TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_.-]+\.[a-z0-9_]{8}\.tmp$")
 """Temp names of :func:`atomic_write` (``.<name>.<8 random chars>.tmp``) and only those."""
 
@@ -254,7 +255,8 @@ class CheckpointStore:
     Args:
         directory: where checkpoint files, their sidecars and the manifest live.
         keep: how many of the newest checkpoints to keep.
-        required: keys every loadable payload must have (:func:`validate_payload`).
+        required: keys every loadable payload must have (:func:`validate_payload`); the
+            built-in loop passes :data:`LOOP_KEYS`.
     """
 
     def __init__(
@@ -525,7 +527,8 @@ def validate_payload(
     Args:
         payload: what :func:`load_checkpoint` returned.
         path: the file, named in the error.
-        required: the keys to insist on (the built-in loop's by default).
+        required: the keys to insist on, each also checked for its type when known
+            (default: those of every stagetrain checkpoint; :data:`LOOP_KEYS` for the loop).
 
     Raises:
         CheckpointError: one line naming the file and every missing key, or the first

@@ -22,9 +22,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from stagetrain import fit
     from stagetrain.config import load_config
     from stagetrain.curriculum import Curriculum
-    from stagetrain.loop import fit
 
     config = load_config(args.config)
     if args.seed is not None:
@@ -64,10 +64,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"compare-{args.config.stem}"
     compare(
-        args.config, out, arms=args.arms.split(","), seeds=args.seeds, jobs=args.jobs,
-        metric=args.metric, target=args.target,
+        args.config, out, arms=args.arms, seeds=args.seeds, jobs=args.jobs,
+        metric=args.metric, target=args.target, vary=args.vary,
     )  # fmt: skip
-    path, table = write_report(out, target=args.target)
+    path, table = write_report(out)  # the comparison's own report, at its --target
     print()
     print(table)
     print(f"\nreport: {path}")
@@ -75,9 +75,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from stagetrain.compare import check_target
     from stagetrain.report import write_report
 
-    path, table = write_report(args.run_dir, target=args.target)
+    check_target(args.target)
+    path, table = write_report(args.run_dir, target=args.target, metric=args.metric, out=args.out)
     print(table)
     print(f"\nreport: {path}")
     return 0
@@ -106,6 +108,97 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from stagetrain.sources.prepare import prepare, read_file_list
+
+    inputs = list(args.inputs)
+    if args.files_from is not None:
+        inputs += read_file_list(args.files_from)
+    result = prepare(
+        inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        fmt=args.format,
+        text_field=args.text_field,
+        eos_id=args.eos_id,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(result.line())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stagetrain.sources.export import export_run
+
+    report = export_run(args.run_dir, format=args.format, out=args.out, step=args.checkpoint)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """``prepare`` and ``export`` (stagetrain.sources)."""
+    prep = sub.add_parser(
+        "prepare", help="tokenize text / JSONL / a HF dataset into a token file (.bin + .json)"
+    )
+    prep.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        help="text files, .jsonl, .parquet, or a saved HF dataset directory",
+    )
+    prep.add_argument("--out", type=Path, required=True, help="the token file to write (.bin)")
+    prep.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="a tokenizer.json, a transformers tokenizer directory, or 'bytes' (default)",
+    )
+    prep.add_argument(
+        "--files-from", type=Path, default=None, help="a file listing more inputs, one per line"
+    )
+    prep.add_argument(
+        "--format",
+        choices=["auto", "text", "jsonl", "hf"],
+        default="auto",
+        help="how to read the inputs (default: by file name)",
+    )
+    prep.add_argument(
+        "--text-field",
+        default="text",
+        help="JSONL field / dataset column with the text (default: %(default)s)",
+    )
+    prep.add_argument(
+        "--eos-id",
+        default="auto",
+        help="token appended after each document: auto (the tokenizer's), "
+        "none, or an id (default: %(default)s)",
+    )
+    prep.add_argument(
+        "--workers", type=int, default=1, help="tokenizing processes (default: %(default)s)"
+    )
+    prep.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    prep.set_defaults(func=_cmd_prepare)
+
+    exp = sub.add_parser("export", help="write a run's checkpoint as safetensors or a HF model")
+    exp.add_argument("run_dir", type=Path, help="the run directory")
+    exp.add_argument(
+        "--format",
+        choices=["safetensors", "hf"],
+        required=True,
+        help="safetensors + model.json, or a from_pretrained directory",
+    )
+    exp.add_argument("--out", type=Path, required=True, help="output directory")
+    exp.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="the checkpoint written at this step (default: the newest)",
+    )
+    exp.set_defaults(func=_cmd_export)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import files
 
@@ -116,6 +209,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"same budget. {args.seeds} seeds per arm, {args.jobs} at a time."
     )
     args.config, args.arms, args.metric = config, "curriculum,baseline", "test.accuracy"
+    args.vary = "init,data"
     args.target = 0.95  # "steps to 95 % test accuracy", as in the parity literature
     args.out = args.out or Path("runs") / "demo"
     return _cmd_compare(args)
@@ -172,8 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: curriculum, baseline, union, anti, easy-only, random-order "
         "(default: %(default)s)",
     )
-    cmp.add_argument("--seeds", type=int, default=5, help="seeds per arm (default: %(default)s)")
-    cmp.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: %(default)s)")
+    cmp.add_argument("--seeds", type=int, default=10, help="seeds per arm (default: %(default)s)")
+    cmp.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel, in worker processes "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    cmp.add_argument(
+        "--vary",
+        default="init,data",
+        help="what the seeds vary: init (weights, batch order), data (the seed data "
+        "factories receive) or both (default: %(default)s)",
+    )
     cmp.add_argument("--metric", default=None, help="target metric EVAL.KEY, e.g. test.accuracy")
     cmp.add_argument(
         "--target",
@@ -190,7 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="plots, HTML and a summary table for a comparison directory"
     )
     rep.add_argument("run_dir", type=Path, help="the directory compare wrote")
-    rep.add_argument("--target", type=float, default=None, help="time-to-target threshold")
+    rep.add_argument(
+        "--target", type=float, default=None,
+        help="time-to-target threshold (files get their own names unless --out is given)",
+    )  # fmt: skip
+    rep.add_argument(
+        "--metric", default=None, help="EVAL.KEY to report (default: the compared metric)"
+    )
+    rep.add_argument(
+        "--out", type=Path, default=None, help="directory for the report (default: run_dir)"
+    )
     rep.set_defaults(func=_cmd_report)
 
     ext = sub.add_parser(
@@ -216,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=2, help="runs in parallel (default: %(default)s)")
     demo.add_argument("--out", type=Path, default=None, help="output directory (default runs/demo)")
     demo.set_defaults(func=_cmd_demo)
+    _add_data_commands(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -35,9 +37,35 @@ except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib  # type: ignore[no-redef]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-BUILTIN_LOSSES = ("cross_entropy", "mse", "kl_distill")
-Metric = Literal["loss", "accuracy", "exact_match"]
-_ALL_METRICS: tuple[Metric, ...] = ("loss", "accuracy")
+BUILTIN_LOSSES = (
+    "cross_entropy",
+    "bce_with_logits",
+    "hinge",
+    "nll",
+    "mse",
+    "l1",
+    "smooth_l1",
+    "kl_distill",
+    "model",
+)
+"""Loss names known without an import path (see :mod:`stagetrain.losses`)."""
+BUILTIN_METRICS = (
+    "loss",
+    "accuracy",
+    "error",
+    "top_k_accuracy",
+    "perplexity",
+    "token_accuracy",
+    "exact_match",
+)
+"""Metric names known without an import path (see :mod:`stagetrain.metrics`)."""
+
+
+def callable_name(fn: Any) -> str:
+    """``"module:qualname"`` of a Python callable, as configs and fingerprints show it."""
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}:{name}"
 
 
 class _Config(BaseModel):
@@ -210,6 +238,10 @@ class DataConfig(_Config):
 
     sources: list[SourceConfig] = Field(min_length=1)
     replay: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_unit: Literal["samples", "tokens"] = "samples"
+    """What the sources' ``weight`` shares: samples (default) or tokens — with ``tokens``,
+    a source of 128-token samples next to one of 256 gets twice the samples for an equal
+    weight (see :mod:`stagetrain.sources.mixture`). ``replay`` is a share of samples."""
 
     @model_validator(mode="before")
     @classmethod
@@ -219,11 +251,10 @@ class DataConfig(_Config):
         if isinstance(data, list):
             return {"sources": data}
         if isinstance(data, dict) and "sources" not in data:
-            replay = data.get("replay")
-            source = {k: v for k, v in data.items() if k != "replay"}
+            own = ("replay", "weight_unit")
+            source = {k: v for k, v in data.items() if k not in own}
             out: dict[str, Any] = {"sources": [source]}
-            if replay is not None:
-                out["replay"] = replay
+            out.update({k: data[k] for k in own if k in data})
             return out
         return data
 
@@ -237,26 +268,101 @@ class DataConfig(_Config):
 
 
 class LossTerm(_Config):
-    """One named loss term: a built-in (cross_entropy, mse, kl_distill) or an import path."""
+    """One loss term: a built-in name (see :mod:`stagetrain.losses`), an import path
+    ``"pkg.mod:fn"``, or (Python only) a callable ``(output, target, **args) -> loss``."""
 
-    name: str
+    name: str | Callable[..., Any]
     weight: float = 1.0
     args: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+        return {"name": data} if isinstance(data, str) or callable(data) else data
 
     @field_validator("name")
     @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in BUILTIN_LOSSES and ":" not in name:
+    def _known(cls, name: str | Callable[..., Any]) -> str | Callable[..., Any]:
+        if isinstance(name, str) and name not in BUILTIN_LOSSES and ":" not in name:
             raise ValueError(
                 f"unknown loss {name!r}; expected one of {', '.join(BUILTIN_LOSSES)} "
                 "or an import path 'pkg.mod:fn'"
             )
         return name
+
+    @field_serializer("name")
+    def _serialize_name(self, name: str | Callable[..., Any]) -> str:
+        return name if isinstance(name, str) else callable_name(name)
+
+    @property
+    def label(self) -> str:
+        """The term's name in logs (a callable's ``module:qualname``)."""
+        return self.name if isinstance(self.name, str) else callable_name(self.name)
+
+
+class MetricSpec(_Config):
+    """One evaluation metric: a built-in name (``accuracy``; ``top_k_accuracy`` with
+    ``args: {k: 5}``), an import path, or (Python only) a callable
+    ``(outputs, batch) -> {key: value}`` or a ``torchmetrics.Metric``; ``key`` names
+    the value of a torchmetrics or callable metric."""
+
+    name: Any
+    args: dict[str, Any] = Field(default_factory=dict)
+    key: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return data if isinstance(data, dict) else {"name": data}
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: Any) -> Any:
+        if isinstance(name, str):
+            if name not in BUILTIN_METRICS and ":" not in name:
+                raise ValueError(
+                    f"unknown metric {name!r}; expected one of {', '.join(BUILTIN_METRICS)} "
+                    "or an import path 'pkg.mod:fn'"
+                )
+        elif not callable(name) and not hasattr(name, "update"):
+            raise ValueError("a metric is a name, a callable or a torchmetrics Metric")
+        return name
+
+    @field_serializer("name")
+    def _serialize_name(self, name: Any) -> str:
+        return name if isinstance(name, str) else callable_name(name)
+
+    def produced_keys(self) -> list[str] | None:
+        """The keys this metric writes, or None when known only at run time."""
+        if self.name == "top_k_accuracy":
+            return [f"top{self.args.get('k', 5)}_accuracy"]
+        if isinstance(self.name, str) and self.name in BUILTIN_METRICS:
+            return [self.name]
+        # A callable's keys are those of the dict it returns and a torchmetrics metric's
+        # is its ``key``: known for sure once it ran (fit's preflight checks them).
+        return None
+
+
+class BatchConfig(_Config):
+    """How batches map onto the model (see :mod:`stagetrain.modelio`)."""
+
+    pad_id: int = 0
+    """Padding value of token ids when items of different lengths are collated."""
+    ignore_index: int = -100
+    """Padding value of labels; losses and metrics skip it."""
+    label_keys: list[str] = Field(default_factory=lambda: ["labels"])
+    """Keys of a mapping batch that hold the targets."""
+    pass_labels: bool | None = None
+    """Give the label keys to the model; default: only when a loss term is ``model``."""
+    shift_labels: bool | None = None
+    """Targets are causal-LM labels (= input ids) to shift against the logits; default: on
+    for mapping batches when the model is a ``...ForCausalLM`` / ``...LMHeadModel``."""
+    forward: str | Callable[..., Any] | None = None
+    """``(model, batch) -> outputs`` replacing the calling convention (import path or callable)."""
+
+    @field_serializer("forward")
+    def _serialize_forward(self, fn: str | Callable[..., Any] | None) -> str | None:
+        return fn if fn is None or isinstance(fn, str) else callable_name(fn)
 
 
 class OptimizerConfig(_Config):
@@ -267,7 +373,9 @@ class OptimizerConfig(_Config):
     ``reset`` hand-off.
     """
 
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: str | Callable[..., Any] = "adamw"
+    """A ``torch.optim`` class (``adamw``, ``adam``, ``sgd``, ``rmsprop``, ... any case), an
+    import path ``"pkg.mod:Optimizer"`` or (Python) a callable ``(param_groups, **kw)``."""
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -279,6 +387,12 @@ class OptimizerConfig(_Config):
     """LR multiplier over the stage (stage-local time), after warmup."""
     grad_clip: float | None = Field(default=None, gt=0)
     """Clip the global gradient norm to this value."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Other keyword arguments of the optimizer class (``nesterov``, ``alpha``, ...)."""
+    no_decay: list[str] | None = None
+    """Parameter-name globs exempt from weight decay. Default: every parameter with fewer
+    than two dimensions (biases, norm weights) — as nanoGPT, torchtitan and the Hugging
+    Face Trainer do — when ``weight_decay > 0``; ``[]`` decays everything."""
     lr_multipliers: dict[str, float] = Field(default_factory=dict)
     """Parameter-name glob -> factor on the learning rate (first match wins), e.g.
     ``{"router.*": 100}`` to train a router faster than the model. Every pattern must
@@ -296,6 +410,44 @@ class OptimizerConfig(_Config):
     @classmethod
     def _warmup(cls, value: str | None) -> str | None:
         return _check_duration(value)
+
+    @field_validator("name")
+    @classmethod
+    def _optimizer_name(cls, name: str | Callable[..., Any]) -> str | Callable[..., Any]:
+        if isinstance(name, str) and ":" not in name:
+            import torch.optim
+
+            known = {n.lower(): n for n in dir(torch.optim) if _is_optimizer_class(torch.optim, n)}
+            if name.lower() not in known:
+                raise ValueError(
+                    f"unknown optimizer {name!r}; expected a torch.optim class "
+                    f"({', '.join(sorted(known))}) or an import path 'pkg.mod:Optimizer'"
+                )
+        return name
+
+    @field_serializer("name")
+    def _serialize_name(self, name: str | Callable[..., Any]) -> str:
+        return name if isinstance(name, str) else callable_name(name)
+
+    @property
+    def label(self) -> str:
+        """The optimizer's name, lower-cased for torch.optim classes."""
+        return (
+            self.name.lower()
+            if isinstance(self.name, str) and ":" not in self.name
+            else (self.name if isinstance(self.name, str) else callable_name(self.name))
+        )
+
+
+def _is_optimizer_class(module: Any, name: str) -> bool:
+    import torch.optim
+
+    obj = getattr(module, name)
+    return (
+        isinstance(obj, type)
+        and issubclass(obj, torch.optim.Optimizer)
+        and obj is not torch.optim.Optimizer
+    )
 
 
 Handoff = Literal["carry", "rewarm", "reset"]
@@ -362,7 +514,10 @@ class AdvanceConfig(_Config):
 
     @property
     def maximize(self) -> bool:
-        return self.mode == "max" if self.mode else not self.metric.endswith(".loss")
+        if self.mode:
+            return self.mode == "max"
+        key = self.metric.rpartition(".")[2]
+        return not (key.endswith("loss") or key in ("error", "perplexity"))
 
 
 class EvalConfig(_Config):
@@ -372,8 +527,12 @@ class EvalConfig(_Config):
     data: SourceConfig
     every: str | None = None
     """Interval (a duration); defaults to the curriculum's ``eval_every``."""
-    metrics: list[Metric] = Field(default_factory=lambda: list(_ALL_METRICS))
-    loss: str = "cross_entropy"
+    metrics: list[MetricSpec] = Field(
+        default_factory=lambda: [MetricSpec(name="loss"), MetricSpec(name="accuracy")]
+    )
+    """Built-in names, import paths, callables or torchmetrics (see :mod:`stagetrain.metrics`)."""
+    loss: LossTerm = Field(default_factory=lambda: LossTerm(name="cross_entropy"))
+    """The loss behind the ``loss`` metric (a name, import path or callable; ``model``)."""
     batch_size: int = Field(default=1024, gt=0)
     max_samples: int | None = Field(default=None, gt=0)
     seq_len: int | None = Field(default=None, gt=0)
@@ -391,6 +550,17 @@ class EvalConfig(_Config):
     def _every(cls, value: str | None) -> str | None:
         return _check_duration(value)
 
+    def produced_keys(self) -> list[str] | None:
+        """``NAME.KEY`` of every value this evaluation logs; None when a metric's keys are
+        known only at run time (custom metrics)."""
+        keys: list[str] = []
+        for metric in self.metrics:
+            produced = metric.produced_keys()
+            if produced is None:
+                return None
+            keys += [f"{self.name}.{k}" for k in produced]
+        return keys
+
 
 class StageConfig(_Config):
     """One stage of the curriculum: data, loss, optimizer, hand-off and duration."""
@@ -399,7 +569,9 @@ class StageConfig(_Config):
     data: DataConfig
     duration: str
     """How long the stage runs: '500ba', '64000sp', '1e6tok', '2ep' or '0.5dur' of ``total``."""
-    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="cross_entropy")])
+    loss: list[LossTerm] | None = None
+    """Loss terms; inherited from the previous stage when omitted (the first stage's
+    default is ``cross_entropy``)."""
     optimizer: OptimizerConfig | None = None
     """Inherited from the previous stage when omitted (the first stage gets the defaults)."""
     handoff: Handoff = "carry"
@@ -433,8 +605,11 @@ class StageConfig(_Config):
     @model_validator(mode="before")
     @classmethod
     def _loss_shorthand(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("loss"), str | dict):
-            data = {**data, "loss": [data["loss"]]}
+        loss = data.get("loss") if isinstance(data, dict) else None
+        if isinstance(loss, str | dict | LossTerm) or (
+            callable(loss) and not isinstance(loss, list)
+        ):
+            data = {**data, "loss": [loss]}
         return data
 
     @field_validator("name")
@@ -452,8 +627,8 @@ class StageConfig(_Config):
 
     @field_validator("loss")
     @classmethod
-    def _nonempty_loss(cls, value: list[LossTerm]) -> list[LossTerm]:
-        if not value:
+    def _nonempty_loss(cls, value: list[LossTerm] | None) -> list[LossTerm] | None:
+        if value is not None and not value:
             raise ValueError("a stage needs at least one loss term")
         return value
 
@@ -472,11 +647,7 @@ class CheckpointConfig(_Config):
 
 
 class GlobalLR(_Config):
-    """One learning-rate schedule over the whole run (global steps), overriding the stages'.
-
-    ``stagetrain compare`` gives every control arm the curriculum's own LR trajectory
-    this way, so that arms differ only in their data.
-    """
+    """One learning-rate schedule over the whole run (global steps), overriding the stages'."""
 
     lr: float = Field(gt=0)
     schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
@@ -504,12 +675,18 @@ class CurriculumConfig(_Config):
 
     name: str = "curriculum"
     seed: int = 0
+    data_seed: int | None = None
+    """Seed passed to data factories that accept ``seed``; defaults to ``seed``. Set it to
+    vary the data draw independently of the initialisation and batch order (``stagetrain
+    compare --vary``)."""
     stages: list[StageConfig] = Field(min_length=1)
     model: ModelConfig | None = None
     teacher: ModelConfig | None = None
     """A frozen model whose outputs ``kl_distill`` loss terms match (``fit(teacher=...)``
     takes precedence); built like ``model``, usually with ``weights``."""
     batch_size: int = Field(default=32, gt=0)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Padding values, label keys and the model's calling convention."""
     total: str | None = None
     """Length of the whole run; needed only by stage durations written in 'dur'."""
     evals: list[EvalConfig] = Field(default_factory=list)
@@ -557,17 +734,19 @@ class CurriculumConfig(_Config):
         for i in range(1, len(resolved)):
             prev, cur = resolved[i - 1].optimizer, resolved[i].optimizer
             assert prev is not None and cur is not None
-            if resolved[i].handoff != "reset" and prev.name != cur.name:
+            if resolved[i].handoff != "reset" and prev.label != cur.label:
                 raise ValueError(
                     f"stages[{i}].handoff: {resolved[i].handoff!r} keeps the optimizer state, "
-                    f"but stage {resolved[i].name!r} uses {cur.name} after {prev.name}; "
+                    f"but stage {resolved[i].name!r} uses {cur.label} after {prev.label}; "
                     "use handoff: reset"
                 )
         for i, stage in enumerate(self.stages):
             if stage.advance is None:
                 continue
-            produced = [f"{e.name}.{m}" for e in [*self.evals, *stage.evals] for m in e.metrics]
-            if stage.advance.metric not in produced:
+            keyed = [e.produced_keys() for e in [*self.evals, *stage.evals]]
+            produced = [k for keys in keyed if keys is not None for k in keys]
+            custom = any(keys is None for keys in keyed)  # checked by fit's preflight
+            if stage.advance.metric not in produced and not custom:
                 raise ValueError(
                     f"stages[{i}].advance.metric: no evaluation of this stage produces "
                     f"{stage.advance.metric!r}; available: {produced}"
@@ -587,20 +766,23 @@ class CurriculumConfig(_Config):
         return self
 
     def resolved_stages(self) -> list[StageConfig]:
-        """Stages with inherited fields filled in (optimizer, batch size)."""
+        """Stages with inherited fields filled in (optimizer, loss, batch size)."""
         out: list[StageConfig] = []
         previous_optimizer = OptimizerConfig()
+        previous_loss = [LossTerm(name="cross_entropy")]
         for stage in self.stages:
             optimizer = stage.optimizer or previous_optimizer
+            loss = stage.loss or previous_loss
             out.append(
                 stage.model_copy(
                     update={
                         "optimizer": optimizer,
+                        "loss": loss,
                         "batch_size": stage.batch_size or self.batch_size,
                     }
                 )
             )
-            previous_optimizer = optimizer
+            previous_optimizer, previous_loss = optimizer, loss
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -4,11 +4,13 @@
 (:func:`stagetrain.fit`) and a user's own loop drive. It knows, for every stage, how
 many steps it lasts, which samples each step draws, the stage's loss and its
 learning rate at every stage-local step. It holds no training progress: that lives
-in the counters of :class:`TrainState`.
+in the counters of :class:`~stagetrain.state.TrainState`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from stagetrain.advance import check_advance
+from stagetrain.batch import Batch, BatchFormat, fit_length
 from stagetrain.config import (
     CurriculumConfig,
     EvalConfig,
@@ -27,55 +31,25 @@ from stagetrain.config import (
     load_config,
 )
 from stagetrain.data import (
-    Batch,
     ConcatSources,
     IndexSubset,
     SourceBuilder,
     fetch,
-    tokens_per_sample,
-    truncate,
+    mixture_tokens_per_sample,
 )
 from stagetrain.difficulty import DifficultyScorer, ScoreCache, select_indices
-from stagetrain.errors import ConfigError
+from stagetrain.errors import ConfigError, StageTrainError
+from stagetrain.handoff import enter_stage, trainable_flags
 from stagetrain.losses import StageLoss
+from stagetrain.modelio import ModelIO
+from stagetrain.optim import apply_lr
 from stagetrain.pacing import PacedSampler, ordering, pacing_function
-from stagetrain.registry import build_model
+from stagetrain.registry import build_model, import_path
 from stagetrain.sampler import StageSampler
 from stagetrain.schedules import Schedule, constant, join, linear
+from stagetrain.sources.mixture import mean_tokens_per_sample, token_weight_schedules
+from stagetrain.state import TrainState
 from stagetrain.time import Duration, TimeContext, TimeUnit
-
-
-@dataclass
-class TrainState:
-    """Training progress, as counters only: everything else is a function of these.
-
-    ``step`` counts completed optimizer steps over the whole run; ``stage_step`` those
-    of the current stage. When ``stage_step == 0`` the stage has not started yet (its
-    hand-off has not been applied).
-    """
-
-    step: int = 0
-    stage_index: int = 0
-    stage_step: int = 0
-    samples: int = 0
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    plateau_best: float | None = None
-    """Best value so far of the stage's advance metric (plateau rule)."""
-    plateau_waits: int = 0
-    """Evaluations in a row without improvement (plateau rule)."""
-    lr_scale: float = 1.0
-    """Multiplier on every LR, lowered by each NaN rollback."""
-    rollbacks: int = 0
-    skipped: int = 0
-    """Batches whose update was skipped for a non-finite loss."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainState:
-        return cls(**{k: data[k] for k in cls().__dict__})
 
 
 @dataclass
@@ -100,8 +74,11 @@ class Stage:
     weights: list[Schedule]
     sources: list[SourceShare]
     loss: StageLoss
+    io: ModelIO
+    """How this stage's batches reach the model and its outputs reach the loss."""
     warmup_steps: int
-    lr_multiplier: Schedule
+    lr_shape: Schedule
+    """The LR over stage-local steps as a factor of the configured ``lr`` (warmup x schedule)."""
     seed: int
     planned_start: int = 0
     """Global step at which the stage starts when every earlier stage runs its full length."""
@@ -119,6 +96,10 @@ class Stage:
     def batch_size(self) -> int:
         assert self.config.batch_size is not None
         return self.config.batch_size
+
+    @property
+    def fmt(self) -> BatchFormat:
+        return self.io.fmt
 
     @property
     def lr_peak(self) -> float:
@@ -149,30 +130,52 @@ class Stage:
         if self.global_lr is not None:
             return self.global_lr(self.planned_start + stage_step if step is None else step)
         assert self.config.optimizer is not None
-        return self.config.optimizer.lr * self.lr_multiplier(stage_step)
+        return self.config.optimizer.lr * self.lr_shape(stage_step)
 
     def indices(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Any:
         """Sample indices (into :attr:`data`) of this rank's share of ``stage_step``."""
         return self.sampler.rank_batch(stage_step, rank, world_size)
 
-    def batch(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Batch:
-        """This rank's ``(inputs, targets)`` for ``stage_step``, truncated to ``seq_len``."""
-        return truncate(
-            self.data.get_batch(self.indices(stage_step, rank, world_size)), self.config.seq_len
+    def fetch(self, indices: np.ndarray) -> Batch:
+        """The batch of ``indices`` (into :attr:`data`), cut to the stage's ``seq_len``."""
+        return fit_length(
+            self.data.get_batch(indices), self.config.seq_len, fmt=self.fmt, pad=False
         )
 
+    def batch(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Batch:
+        """This rank's batch for ``stage_step`` (any structure; see :mod:`stagetrain.data`)."""
+        return self.fetch(self.indices(stage_step, rank, world_size))
 
-@dataclass(frozen=True)
+    def check_sources_fit(self) -> None:
+        """Fetch one sample of every source as one batch: sources whose items cannot share a
+        batch fail here, naming the stage, not at the stage boundary hours later."""
+        if len(self.data.datasets) < 2:
+            return
+        try:
+            self.fetch(self.data.offsets.copy())
+        except StageTrainError as exc:
+            raise type(exc)(f"stages[{self.index}].data: {exc}") from None
+
+
+@dataclass
 class StepInfo:
-    """One step of a curriculum, as seen from a user's own loop."""
+    """One step of a curriculum, as seen from a user's own loop (see :meth:`Curriculum.steps`).
 
-    curriculum: Curriculum
+    The stage hooks make an own loop behave like :func:`stagetrain.fit`:
+    :meth:`enter_stage` applies the stage's hand-off and freezing at its first step,
+    :meth:`set_lr` its learning rate, :meth:`loss` its loss terms, and :meth:`report`
+    feeds evaluation results to its advance rule (the iterator then moves on).
+    """
+
+    run: StepIterator
     stage: Stage
     step: int
     """Global step (completed steps before this one)."""
     stage_step: int
-    rank: int = 0
-    world_size: int = 1
+
+    @property
+    def curriculum(self) -> Curriculum:
+        return self.run.curriculum
 
     @property
     def is_stage_start(self) -> bool:
@@ -183,21 +186,105 @@ class StepInfo:
         return self.stage.lr(self.stage_step, self.step)
 
     def batch(self) -> Batch:
-        return self.stage.batch(self.stage_step, self.rank, self.world_size)
+        """This step's deterministic batch (this rank's share)."""
+        return self.stage.batch(self.stage_step, self.run.rank, self.run.world_size)
+
+    def enter_stage(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> torch.optim.Optimizer:
+        """At a stage's first step: apply its hand-off and freezing; returns the optimizer to
+        use from now on (a new one for the first stage and after ``reset``)."""
+        if self.run.trainable is None:
+            self.run.trainable = trainable_flags(model)
+        return enter_stage(
+            self.stage.config, self.stage.index, model, optimizer, self.run.trainable
+        )
 
     def loss(
-        self, output: torch.Tensor, target: torch.Tensor, model: torch.nn.Module | None = None
+        self,
+        output: Any,
+        target: torch.Tensor | None = None,
+        model: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        """The stage's weighted loss (built-in kl_distill needs the built-in loop; terms
-        that read the model, such as a router cost, need ``model``)."""
+        """The stage's weighted loss on a model ``output`` against ``target`` (``model``: for
+        terms that read it, such as a router cost). For dict batches or causal-LM labels use
+        :meth:`compute_loss`."""
         return self.stage.loss(output, target, model=model)[0]
+
+    def compute_loss(
+        self, model: torch.nn.Module, batch: Batch, teacher: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """Run ``model`` on ``batch`` by the stage's convention and return its loss."""
+        pred = self.stage.io.predict(model, batch)
+        teacher_pred = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_pred = self.stage.io.predict(teacher, batch)
+        return self.stage.loss(pred, teacher=teacher_pred, model=model)[0]
 
     def set_lr(self, optimizer: torch.optim.Optimizer) -> float:
         """Write this step's learning rate into every param group; returns it."""
         lr = self.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_multiplier", 1.0)
+        apply_lr(optimizer, lr)
         return lr
+
+    def report(self, metrics: Mapping[str, float]) -> bool:
+        """Feed evaluation results (``{"val.accuracy": 0.91}``) to the stage's advance rule.
+
+        Returns True when the stage ends after this step (the iterator then continues
+        with the next stage).
+        """
+        rule = self.stage.config.advance
+        if rule is None or rule.metric not in metrics:
+            return False
+        state = self.run.state
+        state.stage_step = self.stage_step + 1
+        decision = check_advance(
+            rule, float(metrics[rule.metric]), state, self.run.min_steps(self.stage)
+        )
+        if decision.advance:
+            self.run.advance_after = self.step
+        return decision.advance
+
+
+class StepIterator:
+    """Iterates the steps of a curriculum for a user's loop, ending stages early when
+    their advance rule says so (see :meth:`StepInfo.report`)."""
+
+    def __init__(
+        self, curriculum: Curriculum, start: TrainState | None, rank: int, world_size: int
+    ) -> None:
+        self.curriculum = curriculum
+        self.state = dataclasses.replace(start) if start is not None else TrainState()
+        self.rank, self.world_size = rank, world_size
+        self.trainable: dict[str, bool] | None = None
+        self.advance_after: int | None = None
+
+    def min_steps(self, stage: Stage) -> int:
+        rule = stage.config.advance
+        if rule is None or rule.min_duration is None:
+            return 0
+        return stage.context.to_steps(
+            Duration.parse(rule.min_duration), field=f"stages[{stage.index}].advance.min_duration"
+        )
+
+    def __iter__(self) -> Iterator[StepInfo]:
+        state = self.state
+        step = state.step
+        for stage in self.curriculum.stages[state.stage_index :]:
+            first = state.stage_step if stage.index == state.stage_index else 0
+            if stage.index != state.stage_index:
+                state.plateau_best, state.plateau_waits = None, 0
+            state.stage_index = stage.index
+            for stage_step in range(first, stage.steps):
+                state.stage_step = stage_step
+                yield StepInfo(self, stage, step, stage_step)
+                step += 1
+                state.step = step
+                if self.advance_after is not None:
+                    self.advance_after = None
+                    break
+        state.stage_index, state.stage_step = len(self.curriculum.stages), 0
 
 
 class Curriculum:
@@ -208,6 +295,9 @@ class Curriculum:
         datasets: in-memory datasets referred to as ``"@name"`` in the config.
         has_teacher: whether a teacher model will be available (for ``kl_distill``);
             implied when the config declares ``teacher``.
+        models: in-memory reference models for difficulty scorers (``"@name"``).
+        cache_dir: where difficulty scores are cached (default ``$STAGETRAIN_CACHE``).
+        progress: show progress bars while scoring.
 
     Raises:
         ConfigError: when a field is invalid (named in the message).
@@ -225,7 +315,16 @@ class Curriculum:
         progress: bool = True,
     ) -> None:
         self.config = config
-        self.sources = SourceBuilder(config.seed, datasets)
+        self.has_teacher = has_teacher or config.teacher is not None
+        self.fmt = BatchFormat(
+            pad_id=config.batch.pad_id,
+            ignore_index=config.batch.ignore_index,
+            label_keys=tuple(config.batch.label_keys),
+        )
+        self._forward = _resolve_forward(config.batch.forward)
+        self.sources = SourceBuilder(
+            config.data_seed if config.data_seed is not None else config.seed, datasets
+        )
         self.scorer = DifficultyScorer(
             seed=config.seed,
             cache=ScoreCache(cache_dir),
@@ -233,7 +332,10 @@ class Curriculum:
             default_model=config.model,
             progress=progress,
         )
-        self._has_teacher = has_teacher or config.teacher is not None
+        self.scorer.io = ModelIO(self.fmt, forward=self._forward)
+        self.score_digests: dict[str, str] = {}
+        """SHA-256 of the difficulty scores each scored source used, by config field
+        (a checkpoint keeps them, so resume notices changed scores)."""
         self.stages: list[Stage] = []
         for index, stage_config in enumerate(config.resolved_stages()):
             self.stages.append(self._build_stage(index, stage_config))
@@ -253,20 +355,33 @@ class Curriculum:
 
     # --- construction -----------------------------------------------------------------
 
+    def model_io(self, loss: StageLoss) -> ModelIO:
+        """The calling convention for a stage or evaluation whose loss is ``loss``."""
+        batch = self.config.batch
+        pass_labels = batch.pass_labels if batch.pass_labels is not None else loss.uses_model_loss
+        return ModelIO(self.fmt, pass_labels, batch.shift_labels, self._forward)
+
     def _build_stage(self, index: int, cfg: StageConfig) -> Stage:
         field = f"stages[{index}]"
         built = [
-            self._source(s, field=f"{field}.data.sources[{k}]")
+            self._source(s, field=f"{field}.data.sources[{k}]", seq_len=cfg.seq_len)
             for k, s in enumerate(cfg.data.sources)
         ]
         own = [dataset for dataset, _ in built]
         batch_size = cfg.batch_size
-        assert batch_size is not None and cfg.optimizer is not None
+        assert batch_size is not None and cfg.optimizer is not None and cfg.loss is not None
         epoch_samples = int(sum(len(d) for d in own))
-        ctx = TimeContext(batch_size, tokens_per_sample(own[0], cfg.seq_len), epoch_samples)
+        initial = [
+            float(s.weight) if isinstance(s.weight, int | float) else 1.0 for s in cfg.data.sources
+        ]
+        tokens = mixture_tokens_per_sample(own, initial, cfg.seq_len, self.fmt)
+        ctx = TimeContext(batch_size, tokens, epoch_samples)
         steps = self._stage_steps(cfg, ctx, field)
         ctx = TimeContext(ctx.batch_size, ctx.tokens_per_sample, ctx.epoch_samples, steps)
         own_weights = [_weight_schedule(s.weight, steps, ctx) for s in cfg.data.sources]
+        if cfg.data.weight_unit == "tokens":
+            per_sample = [mean_tokens_per_sample(d, cfg.seq_len) for d in own]
+            own_weights = token_weight_schedules(own_weights, per_sample)
         datasets = list(own)
         weights: list[Schedule] = list(own_weights)
         labels = [(s.label, False) for s in cfg.data.sources]
@@ -282,10 +397,10 @@ class Curriculum:
                 prev_static = [w(0) for w in prev.weights[: len(prev.config.data.sources)]]
                 total = sum(prev_static)
                 for k, source in enumerate(prev.config.data.sources):
-                    datasets.append(prev.data.datasets[k])
+                    datasets.append(_at_seq_len(prev.data.datasets[k], cfg.seq_len))
                     weights.append(constant(replay / len(earlier) * prev_static[k] / total))
                     labels.append((f"{prev.name}/{source.label}", True))
-        data = ConcatSources(datasets)
+        data = ConcatSources(datasets, self.fmt, cfg.seq_len)
         paced = None
         if cfg.pacing is not None:
             scores = built[0][1]
@@ -293,8 +408,10 @@ class Curriculum:
             order = ordering(scores, cfg.pacing.order, self.config.seed, index)
             class_labels = None
             if cfg.pacing.class_balanced:
-                targets = fetch(own[0], np.arange(len(own[0])))[1]
-                class_labels = targets.reshape(len(own[0]), -1)[:, 0].numpy()
+                target = ModelIO(self.fmt).target(fetch(own[0], np.arange(len(own[0])), self.fmt))
+                if target is None:
+                    raise ConfigError(f"{field}.pacing.class_balanced: the source has no targets")
+                class_labels = target.reshape(len(own[0]), -1)[:, 0].numpy()
             paced = (order, pacing_function(cfg.pacing, steps), class_labels)
         warmup_steps = 0
         if cfg.optimizer.warmup is not None and (index == 0 or cfg.handoff != "carry"):
@@ -305,11 +422,12 @@ class Curriculum:
                 steps,
             )
         body = cfg.optimizer.schedule.build(max(steps - warmup_steps, 1), ctx)
-        multiplier = (
+        shape = (
             join([linear(0.0, 1.0, warmup_steps), body], [warmup_steps]) if warmup_steps else body
         )
         shares = [float(w(0)) for w in weights]
         total_share = sum(shares)
+        loss = StageLoss.build(cfg.loss, field=f"{field}.loss", has_teacher=self.has_teacher)
         return Stage(
             index=index,
             config=cfg,
@@ -321,27 +439,31 @@ class Curriculum:
                 SourceShare(label, len(d), share / total_share, is_replay)
                 for (label, is_replay), d, share in zip(labels, datasets, shares, strict=True)
             ],
-            loss=StageLoss.build(cfg.loss, field=f"{field}.loss", has_teacher=self._has_teacher),
+            loss=loss,
+            io=self.model_io(loss),
             warmup_steps=warmup_steps,
-            lr_multiplier=multiplier,
+            lr_shape=shape,
             seed=self.config.seed,
             paced=paced,
         )
 
-    def _source(self, source: SourceConfig, *, field: str) -> tuple[Any, np.ndarray | None]:
+    def _source(
+        self, source: SourceConfig, *, field: str, seq_len: int | None = None
+    ) -> tuple[Any, np.ndarray | None]:
         """A source's dataset (restricted by ``select``) and its difficulty scores, if any."""
-        dataset = self.sources.build(source, field=field)
+        dataset = self.sources.build(source, field=field, seq_len=seq_len)
         if source.difficulty is None:
             return dataset, None
         identity = json.dumps(
             {"builtin": source.builtin, "factory": source.factory, "ref": source.ref,
              "name": source.name if source.dataset is not None else None, "args": source.args,
-             "seed": self.config.seed},
+             "seed": self.config.seed, "seq_len": seq_len},
             sort_keys=True, default=str,
         )  # fmt: skip
         scores = self.scorer.scores(
             dataset, source.difficulty, identity=identity, field=f"{field}.difficulty"
         )
+        self.score_digests[field] = hashlib.sha256(scores.tobytes()).hexdigest()
         if source.select is None:
             return dataset, scores
         keep = select_indices(scores, source.select)
@@ -379,15 +501,15 @@ class Curriculum:
             if step < start + stage.steps:
                 local = step - start
                 return TrainState(
-                    step,
-                    stage.index,
-                    local,
-                    samples + stage.context.samples(local),
-                    tokens + stage.context.tokens(local),
+                    step=step,
+                    stage_index=stage.index,
+                    stage_step=local,
+                    samples=samples + stage.context.samples(local),
+                    tokens=tokens + stage.context.tokens(local),
                 )
             samples += stage.context.samples(stage.steps)
             tokens += stage.context.tokens(stage.steps)
-        return TrainState(step, len(self.stages), 0, samples, tokens)
+        return TrainState(step=step, stage_index=len(self.stages), samples=samples, tokens=tokens)
 
     def stage_at(self, step: int) -> Stage:
         """The stage that global ``step`` belongs to in the planned timeline."""
@@ -397,24 +519,36 @@ class Curriculum:
         """Evaluation sets active during ``stage``: the curriculum's plus the stage's own."""
         return [*self.config.evals, *stage.config.evals]
 
-    def eval_dataset(self, ev: EvalConfig) -> Any:
-        return self.sources.build(ev.data, field=f"evals[{ev.name}].data")
+    def eval_field(self, ev: EvalConfig) -> str:
+        """The config path of an evaluation (``evals[0]``, ``stages[1].evals[0]``)."""
+        for i, e in enumerate(self.config.evals):
+            if e is ev or e.name == ev.name:
+                return f"evals[{i}]"
+        for s, stage in enumerate(self.config.stages):
+            for i, e in enumerate(stage.evals):
+                if e is ev or e.name == ev.name:
+                    return f"stages[{s}].evals[{i}]"
+        return f"evals[{ev.name}]"
+
+    def eval_seq_len(self, ev: EvalConfig, stage: Stage | None = None) -> int | None:
+        """The sequence length an evaluation runs at (its own, else the stage's)."""
+        return ev.seq_len or (stage.config.seq_len if stage is not None else None)
+
+    def eval_dataset(self, ev: EvalConfig, stage: Stage | None = None) -> Any:
+        """The dataset of an evaluation (viewed at its sequence length during ``stage``)."""
+        field = f"{self.eval_field(ev)}.data"
+        return self.sources.build(ev.data, field=field, seq_len=self.eval_seq_len(ev, stage))
 
     def steps(
         self, start: TrainState | None = None, *, rank: int = 0, world_size: int = 1
-    ) -> Iterator[StepInfo]:
+    ) -> StepIterator:
         """Every step from ``start`` (the beginning by default) to the end, in order.
 
         The own-loop entry point: each :class:`StepInfo` gives the stage, the batch, the
-        loss and the learning rate of that step.
+        loss and the learning rate of that step, and the stage hooks
+        (:meth:`StepInfo.enter_stage`, :meth:`StepInfo.report`).
         """
-        state = start or TrainState()
-        step = state.step
-        for stage in self.stages[state.stage_index :]:
-            first = state.stage_step if stage.index == state.stage_index else 0
-            for stage_step in range(first, stage.steps):
-                yield StepInfo(self, stage, step, stage_step, rank, world_size)
-                step += 1
+        return StepIterator(self, start, rank, world_size)
 
     def build_model(self) -> torch.nn.Module:
         """The model declared in the config's ``model`` section, seeded by the curriculum seed."""
@@ -429,6 +563,22 @@ class Curriculum:
         teacher = build_model(self.config.teacher, seed=self.config.seed, field="teacher")
         teacher.eval().requires_grad_(False)
         return teacher
+
+
+def _at_seq_len(dataset: Any, seq_len: int | None) -> Any:
+    """A replayed source seen at the replaying stage's sequence length, when it can be."""
+    if seq_len is not None and hasattr(dataset, "with_seq_len"):
+        return dataset.with_seq_len(seq_len)
+    return dataset  # batches of other lengths are cut or padded to the stage's
+
+
+def _resolve_forward(forward: Any) -> Any:
+    if forward is None or callable(forward):
+        return forward
+    fn = import_path(forward, field="batch.forward")
+    if not callable(fn):
+        raise ConfigError(f"batch.forward: {forward!r} is not callable")
+    return fn
 
 
 def _weight_schedule(weight: Any, steps: int, ctx: TimeContext) -> Schedule:

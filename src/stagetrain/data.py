@@ -1,9 +1,18 @@
-"""Data sources and batches.
+"""Data sources: the item protocol, fetching batches, mixtures of sources.
 
-A *source* is any map-style dataset (``__len__`` and ``__getitem__``) whose items are
-``(input, target)`` pairs. A dataset may offer ``get_batch(indices)`` returning a
-ready ``(inputs, targets)`` pair; stagetrain then fetches a whole batch in one call
-instead of collating item by item, which matters for small, fast models.
+A *source* is any map-style dataset (``__len__`` and ``__getitem__``). Its items may
+be ``(input, target)`` pairs, tuples, mappings (``{"input_ids", "attention_mask",
+"labels"}``) or dataclasses of tensors, arrays, numbers or lists; variable-length
+sequences are padded when collated (see :mod:`stagetrain.collate`). Optional methods:
+
+``get_batch(indices) -> batch``
+    a whole batch in one call (vectorised; matters for small, fast models);
+``collate_fn(items) -> batch``
+    the source's own collation, used instead of the built-in one;
+``with_seq_len(seq_len) -> dataset``
+    a view whose samples have the given sequence length (token files read as windows
+    of the stage's context length); called with each stage's and evaluation's
+    ``seq_len``.
 """
 
 from __future__ import annotations
@@ -15,14 +24,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
 
+from stagetrain.batch import Batch, BatchFormat, concat, fit_length, select, sequence_length
+from stagetrain.collate import collate
 from stagetrain.config import SourceConfig
 from stagetrain.errors import DataError
 from stagetrain.registry import BUILTIN_SOURCES, call_factory, resolve_factory
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-"""``(inputs, targets)``, each with the batch as its first dimension."""
+from stagetrain.seeding import derive_seed, seeded
 
 
 @runtime_checkable
@@ -46,47 +54,39 @@ class TensorPairDataset:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def __getitem__(self, index: int) -> Batch:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[index], self.targets[index]
 
-    def get_batch(self, indices: np.ndarray) -> Batch:
+    def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
         return self.inputs[idx], self.targets[idx]
 
 
-def fetch(dataset: Any, indices: np.ndarray) -> Batch:
-    """The batch of ``dataset`` at ``indices`` (a fast path when ``get_batch`` exists)."""
+def fetch(dataset: Any, indices: np.ndarray, fmt: BatchFormat | None = None) -> Batch:
+    """The batch of ``dataset`` at ``indices``: its ``get_batch``, else its items collated
+    (by its ``collate_fn`` when it has one, else with padding, see :mod:`stagetrain.collate`)."""
     if hasattr(dataset, "get_batch"):
         return dataset.get_batch(indices)
     items = [dataset[int(i)] for i in indices]
-    batch = default_collate(items)
-    if not isinstance(batch, list | tuple) or len(batch) != 2:
-        raise DataError(
-            f"dataset {type(dataset).__name__}: items must be (input, target) pairs, "
-            f"got {type(items[0]).__name__}"
-        )
-    return batch[0], batch[1]
-
-
-def truncate(batch: Batch, seq_len: int | None) -> Batch:
-    """Cut token sequences to ``seq_len`` along the last dimension.
-
-    The target is cut as well when it has the same shape as the input (next-token
-    targets); class labels are left alone.
-    """
-    inputs, targets = batch
-    if seq_len is None or inputs.dim() < 2 or inputs.shape[-1] <= seq_len:
-        return batch
-    if targets.shape == inputs.shape:
-        targets = targets[..., :seq_len]
-    return inputs[..., :seq_len], targets
+    own = getattr(dataset, "collate_fn", None)
+    return own(items) if callable(own) else collate(items, fmt)
 
 
 class ConcatSources:
-    """Several sources seen as one index space: source ``k`` starts at ``offsets[k]``."""
+    """Several sources seen as one index space: source ``k`` starts at ``offsets[k]``.
 
-    def __init__(self, datasets: Sequence[Any]) -> None:
+    A batch drawn from several sources is concatenated in the order of the indices;
+    sources of different sequence lengths are padded to the longest first (cut to the
+    stage's ``seq_len`` when one is set), so a mixture of short and long documents —
+    or the replay of a short-context stage inside a long-context one — is one batch.
+    """
+
+    def __init__(
+        self, datasets: Sequence[Any], fmt: BatchFormat | None = None, seq_len: int | None = None
+    ) -> None:
         self.datasets = list(datasets)
+        self.fmt = fmt or BatchFormat()
+        self.seq_len = seq_len
         self.sizes = np.array([len(d) for d in self.datasets], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
 
@@ -96,18 +96,29 @@ class ConcatSources:
     def get_batch(self, indices: np.ndarray) -> Batch:
         """Fetch from each source in turn, keeping the order of ``indices``."""
         if len(self.datasets) == 1:
-            return fetch(self.datasets[0], indices)
+            return fetch(self.datasets[0], indices, self.fmt)
         which = np.searchsorted(self.offsets, indices, side="right") - 1
         parts: list[Batch] = []
         positions: list[np.ndarray] = []
         for k in np.unique(which):
             pos = np.nonzero(which == k)[0]
-            parts.append(fetch(self.datasets[k], indices[pos] - self.offsets[k]))
+            parts.append(fetch(self.datasets[k], indices[pos] - self.offsets[k], self.fmt))
             positions.append(pos)
+        if len(parts) == 1:
+            return parts[0]
+        lengths = {n for n in (sequence_length(p) for p in parts) if n is not None}
+        if len(lengths) > 1:
+            target = max(lengths) if self.seq_len is None else min(self.seq_len, max(lengths))
+            parts = [fit_length(p, target, fmt=self.fmt) for p in parts]
         order = torch.from_numpy(np.argsort(np.concatenate(positions), kind="stable"))
-        inputs = torch.cat([p[0] for p in parts])[order]
-        targets = torch.cat([p[1] for p in parts])[order]
-        return inputs, targets
+        try:
+            return select(concat(parts), order)
+        except (RuntimeError, ValueError) as exc:
+            raise DataError(
+                f"the sources of one batch do not fit together ({str(exc).splitlines()[0]}); "
+                "sources mixed in a stage need the same item structure and shapes (only the "
+                "sequence length may differ)"
+            ) from None
 
 
 class SourceBuilder:
@@ -121,11 +132,31 @@ class SourceBuilder:
         self.seed = seed
         self.datasets = dict(datasets or {})
         self._cache: dict[str, Any] = {}
+        self._views: dict[tuple[int, int], Any] = {}
 
-    def build(self, source: SourceConfig, *, field: str) -> Any:
-        """The dataset behind ``source``; ``field`` names the config field in errors."""
+    def build(self, source: SourceConfig, *, field: str, seq_len: int | None = None) -> Any:
+        """The dataset behind ``source``; ``field`` names the config field in errors.
+
+        ``seq_len``: a source with ``with_seq_len`` is viewed at that sequence length.
+        """
+        dataset = self._build(source, field=field)
+        if seq_len is not None and hasattr(dataset, "with_seq_len"):
+            key = (id(dataset), seq_len)
+            if key not in self._views:
+                view = call_factory(
+                    dataset.with_seq_len,
+                    {"seq_len": seq_len},
+                    error=DataError,
+                    what=f"{field}: viewing {source.label!r} at seq_len {seq_len}",
+                )
+                self._views[key] = view
+            dataset = self._views[key]
+        return _check_dataset(dataset, field)
+
+    def _build(self, source: SourceConfig, *, field: str) -> Any:
+        """The dataset itself (not yet checked: a sequence-length view may come first)."""
         if source.dataset is not None:
-            return _check_dataset(source.dataset, field)
+            return source.dataset
         if source.ref is not None:
             if source.ref not in self.datasets:
                 known = ", ".join(sorted(self.datasets)) or "none"
@@ -133,7 +164,7 @@ class SourceBuilder:
                     f"{field}: no in-memory dataset named {source.ref!r} was passed to fit(); "
                     f"passed: {known}"
                 )
-            return _check_dataset(self.datasets[source.ref], field)
+            return self.datasets[source.ref]
         key = json.dumps(
             {"b": source.builtin, "f": source.factory, "a": source.args},
             sort_keys=True,
@@ -151,10 +182,13 @@ class SourceBuilder:
             if "seed" not in args and _accepts(factory, "seed"):
                 # Data generated by a recipe follows the curriculum seed unless pinned.
                 args["seed"] = self.seed
-            dataset = call_factory(
-                factory, args, error=DataError, what=f"{field}: building {source.label!r}"
-            )
-            self._cache[key] = _check_dataset(dataset, field)
+            # A factory drawing from the global generators gets the same draws on every run
+            # of the same command, whatever was built before it.
+            with seeded(derive_seed(self.seed, key)):
+                dataset = call_factory(
+                    factory, args, error=DataError, what=f"{field}: building {source.label!r}"
+                )
+            self._cache[key] = dataset
         return self._cache[key]
 
 
@@ -166,7 +200,7 @@ def _accepts(fn: Any, name: str) -> bool:
 
 
 def _check_dataset(dataset: Any, field: str) -> Any:
-    if not isinstance(dataset, MapDataset):
+    if not isinstance(dataset, MapDataset) and not hasattr(dataset, "get_batch"):
         raise DataError(
             f"{field}: expected a map-style dataset (with __len__ and __getitem__), "
             f"got {type(dataset).__name__}"
@@ -176,15 +210,27 @@ def _check_dataset(dataset: Any, field: str) -> Any:
     return dataset
 
 
-def tokens_per_sample(dataset: Any, seq_len: int | None) -> int:
-    """Tokens in one sample: ``seq_len`` if set, the length of integer sequence inputs, else 1."""
-    if seq_len is not None:
-        inputs, _ = fetch(dataset, np.array([0]))
-        return min(seq_len, int(inputs.shape[-1])) if inputs.dim() >= 2 else 1
-    inputs, _ = fetch(dataset, np.array([0]))
-    if inputs.dim() >= 2 and not torch.is_floating_point(inputs):
-        return int(inputs.shape[-1])
-    return 1
+def tokens_per_sample(dataset: Any, seq_len: int | None, fmt: BatchFormat | None = None) -> int:
+    """Tokens in one sample (its sequence length, at most ``seq_len``), or 1 for non-token data.
+
+    Nominal: a source of variable-length documents counts its first sample, padding
+    included. The logs count real tokens separately (``tokens_real``).
+    """
+    length = sequence_length(fetch(dataset, np.array([0]), fmt))
+    if length is None:
+        return 1
+    return min(seq_len, length) if seq_len is not None else length
+
+
+def mixture_tokens_per_sample(
+    datasets: Sequence[Any], shares: Sequence[float], seq_len: int | None, fmt: BatchFormat
+) -> int:
+    """Tokens per sample of a mixture: the sources' counts weighted by their shares, rounded."""
+    counts = [tokens_per_sample(d, seq_len, fmt) for d in datasets]
+    total = sum(shares)
+    if total <= 0:
+        return counts[0]
+    return max(1, round(sum(c * s for c, s in zip(counts, shares, strict=True)) / total))
 
 
 class IndexSubset:
@@ -202,3 +248,8 @@ class IndexSubset:
 
     def get_batch(self, indices: np.ndarray) -> Batch:
         return fetch(self.dataset, self.indices[np.asarray(indices, dtype=np.int64)])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "collate_fn":  # the subset collates like the dataset it views
+            return getattr(self.dataset, name)
+        raise AttributeError(name)

@@ -9,6 +9,7 @@ the same data and scorer reads the file instead of scoring again.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -21,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stagetrain.batch import leaves, to_device
 from stagetrain.checkpoint import atomic_write, sha256_file
 from stagetrain.config import DifficultyConfig, ModelConfig, SelectConfig
 from stagetrain.data import fetch
 from stagetrain.errors import ConfigError, DataError
+from stagetrain.modelio import ModelIO
 from stagetrain.registry import build_model, import_path
 
 
@@ -40,20 +43,54 @@ def dataset_fingerprint(dataset: Any, identity: str) -> str:
     n = len(dataset)
     digest.update(str(n).encode())
     probe = np.unique(np.linspace(0, n - 1, num=min(16, n)).astype(np.int64))
-    inputs, targets = fetch(dataset, probe)
-    digest.update(inputs.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(targets.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in leaves(fetch(dataset, probe)):
+        digest.update(
+            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 
-def scorer_fingerprint(cfg: DifficultyConfig, seed: int) -> str:
-    """Hash of the scorer config plus the content of the files it reads."""
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a model's class and weights (an in-memory reference model's identity)."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(
+            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()
+
+
+def code_fingerprint(fn: Any) -> str:
+    """Hash of a function's source (or, without source, its bytecode and constants)."""
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = repr((code.co_code, code.co_consts)) if code is not None else repr(fn)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def scorer_fingerprint(
+    cfg: DifficultyConfig,
+    seed: int,
+    models: Mapping[str, torch.nn.Module] | None = None,
+) -> str:
+    """Hash of everything a scorer's output depends on: its config, the seed, the content
+    of the files it reads, the weights of an in-memory reference model and the code of a
+    callable scorer."""
     data = cfg.model_dump(mode="json")
-    data["seed"] = seed if cfg.scorer == "self_taught" else None
+    data["seed"] = seed
     if isinstance(cfg.model, ModelConfig) and cfg.model.weights:
         data["weights_sha256"] = sha256_file(Path(cfg.model.weights))
+    if isinstance(cfg.model, str) and models is not None:
+        named = models.get(cfg.model.removeprefix("@"))
+        if named is not None:
+            data["model_sha256"] = module_fingerprint(named)
     if cfg.scorer == "file" and cfg.path and Path(cfg.path).is_file():
         data["file_sha256"] = sha256_file(Path(cfg.path))
+    if cfg.scorer == "callable" and cfg.fn:
+        data["code_sha256"] = code_fingerprint(import_path(cfg.fn, field="difficulty.fn"))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -66,14 +103,27 @@ class ScoreCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.npy"
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str, expected: int | None = None) -> np.ndarray | None:
+        """The cached scores of ``key``, or None when absent or not trustworthy.
+
+        A damaged entry (unreadable, not one float per sample, NaN or infinite) is
+        recomputed, never used.
+        """
         path = self.path(key)
         if not path.exists():
             return None
         try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError):
-            return None  # a damaged cache entry is recomputed, never trusted
+            scores = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            return None
+        if (
+            scores.ndim != 1
+            or scores.dtype != np.float64
+            or (expected is not None and len(scores) != expected)
+            or not np.all(np.isfinite(scores))
+        ):
+            return None
+        return scores
 
     def put(self, key: str, scores: np.ndarray) -> None:
         buffer = io.BytesIO()
@@ -87,19 +137,33 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool) -> Any:
     return tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch")
 
 
-def _per_sample_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample (averaged over positions for sequences)."""
+def _per_position(values: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Per-sample mean of per-position ``values``, over positions not equal to ``ignore_index``."""
+    keep = (targets.reshape(targets.shape[0], -1) != ignore_index).to(values.dtype)
+    values = values.reshape(targets.shape[0], -1) * keep
+    return values.sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+
+
+def _per_sample_loss(
+    output: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Cross-entropy per sample (averaged over the non-ignored positions of sequences)."""
     losses = F.cross_entropy(
-        output.reshape(-1, output.shape[-1]), targets.reshape(-1), reduction="none"
+        output.reshape(-1, output.shape[-1]),
+        targets.reshape(-1).long(),
+        reduction="none",
+        ignore_index=ignore_index,
     )
-    return losses.reshape(targets.shape[0], -1).mean(dim=1)
+    return _per_position(losses, targets, ignore_index)
 
 
-def _per_sample_confidence_difficulty(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1 - probability of the true class (averaged over positions for sequences)."""
+def _per_sample_confidence_difficulty(
+    output: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """1 - probability of the true class (averaged over the non-ignored positions)."""
     probs = output.reshape(-1, output.shape[-1]).softmax(-1)
-    true = probs.gather(1, targets.reshape(-1, 1)).squeeze(1)
-    return 1 - true.reshape(targets.shape[0], -1).mean(dim=1)
+    true = probs.gather(1, targets.reshape(-1, 1).long().clamp(min=0)).squeeze(1)
+    return _per_position(1 - true, targets, ignore_index)
 
 
 @torch.no_grad()
@@ -111,27 +175,47 @@ def score_with_model(
     indices: np.ndarray | None = None,
     batch_size: int = 1024,
     progress: bool = True,
+    io: ModelIO | None = None,
 ) -> np.ndarray:
-    """Per-sample loss or confidence-difficulty of ``model`` on ``dataset`` (or ``indices``)."""
+    """Per-sample loss or confidence-difficulty of ``model`` on ``dataset`` (or ``indices``).
+
+    ``io``: how batches reach the model (any batch structure; pairs by default).
+    """
+    io = io or ModelIO()
+    was_training = model.training
     model.eval()
     idx = np.arange(len(dataset)) if indices is None else indices
     device = next(model.parameters()).device
     per_sample = _per_sample_loss if kind == "loss" else _per_sample_confidence_difficulty
     out = np.empty(len(idx), dtype=np.float64)
-    for start in _batches(len(idx), batch_size, f"scoring ({kind})", progress):
-        inputs, targets = fetch(dataset, idx[start : start + batch_size])
-        values = per_sample(model(inputs.to(device)), targets.to(device))
-        out[start : start + len(values)] = values.double().cpu().numpy()
+    try:
+        for start in _batches(len(idx), batch_size, f"scoring ({kind})", progress):
+            batch = to_device(fetch(dataset, idx[start : start + batch_size], io.fmt), device)
+            pred = io.predict(model, batch)
+            if pred.target is None:
+                raise DataError(f"scoring ({kind}): the batches have no targets")
+            values = per_sample(pred.logits, pred.target, io.fmt.ignore_index)
+            out[start : start + len(values)] = values.double().cpu().numpy()
+    finally:
+        model.train(was_training)  # the caller's model comes back in the mode it was in
     return out
 
 
 def score_by_length(
     dataset: Any, *, pad_id: int | None, batch_size: int, progress: bool
 ) -> np.ndarray:
-    """Length of each sample's input: tokens not equal to ``pad_id`` (all elements if None)."""
+    """Length of each sample's input: tokens not equal to ``pad_id`` (all elements if None).
+
+    For mapping batches with an ``attention_mask``, the number of attended positions.
+    """
     out = np.empty(len(dataset), dtype=np.float64)
     for start in _batches(len(dataset), batch_size, "scoring (length)", progress):
-        inputs, _ = fetch(dataset, np.arange(start, min(start + batch_size, len(dataset))))
+        batch = fetch(dataset, np.arange(start, min(start + batch_size, len(dataset))))
+        if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+            mask = batch["attention_mask"]
+            out[start : start + len(mask)] = mask.reshape(len(mask), -1).sum(1).double().numpy()
+            continue
+        inputs = leaves(batch)[0]
         flat = inputs.reshape(inputs.shape[0], -1)
         lengths = (
             (flat != pad_id).sum(1)
@@ -149,12 +233,14 @@ def score_self_taught(
     *,
     seed: int,
     progress: bool,
+    io: ModelIO | None = None,
 ) -> np.ndarray:
     """Cross-fitted loss: fold k is scored by a quick model trained on the other folds.
 
     Cross-fitting keeps a model from scoring samples it memorised — which matters most
     for mislabelled samples, exactly the ones a curriculum should put last.
     """
+    io = io or ModelIO()
     n = len(dataset)
     rng = np.random.default_rng([seed, 0x5E1F])
     folds = np.array_split(rng.permutation(n), cfg.folds)
@@ -172,19 +258,23 @@ def score_self_taught(
             leave=False,
         ):
             pick = np.random.default_rng([seed, k, step]).integers(0, len(train_idx), batch)
-            inputs, targets = fetch(dataset, train_idx[pick])
-            loss = F.cross_entropy(_flat(model(inputs)), targets.reshape(-1))
+            pred = io.predict(model, fetch(dataset, train_idx[pick], io.fmt))
+            if pred.target is None:
+                raise DataError("self_taught scoring: the batches have no targets")
+            loss = _per_sample_loss(pred.logits, pred.target, io.fmt.ignore_index).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         scores[held_out] = score_with_model(
-            model, dataset, kind="loss", indices=held_out, batch_size=cfg.batch_size, progress=False
+            model,
+            dataset,
+            kind="loss",
+            indices=held_out,
+            batch_size=cfg.batch_size,
+            progress=False,
+            io=io,
         )
     return scores
-
-
-def _flat(output: torch.Tensor) -> torch.Tensor:
-    return output.reshape(-1, output.shape[-1])
 
 
 def read_scores_file(path: str | Path, expected: int, *, field: str) -> np.ndarray:
@@ -236,6 +326,8 @@ class DifficultyScorer:
         self.models = dict(models or {})
         self.default_model = default_model
         self.progress = progress
+        self.io = ModelIO()
+        """How batches reach reference models (the curriculum sets its own convention)."""
         self.computed = 0
         """How many score arrays were computed rather than read from the cache."""
 
@@ -243,10 +335,13 @@ class DifficultyScorer:
         self, dataset: Any, cfg: DifficultyConfig, *, identity: str, field: str
     ) -> np.ndarray:
         key = hashlib.sha256(
-            (dataset_fingerprint(dataset, identity) + scorer_fingerprint(cfg, self.seed)).encode()
+            (
+                dataset_fingerprint(dataset, identity)
+                + scorer_fingerprint(cfg, self.seed, self.models)
+            ).encode()
         ).hexdigest()[:32]
-        cached = self.cache.get(key)
-        if cached is not None and len(cached) == len(dataset):
+        cached = self.cache.get(key, expected=len(dataset))
+        if cached is not None:
             return cached
         scores = self._compute(dataset, cfg, field)
         if len(scores) != len(dataset):
@@ -256,6 +351,7 @@ class DifficultyScorer:
         if not np.all(np.isfinite(scores)):
             raise DataError(f"{field}: the scorer produced NaN or infinite scores")
         self.computed += 1
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         self.cache.put(key, scores)
         return scores
 
@@ -279,7 +375,12 @@ class DifficultyScorer:
         if cfg.scorer in ("loss", "confidence"):
             model = self._model(cfg.model, f"{field}.model")
             return score_with_model(
-                model, dataset, kind=cfg.scorer, batch_size=cfg.batch_size, progress=self.progress
+                model,
+                dataset,
+                kind=cfg.scorer,
+                batch_size=cfg.batch_size,
+                progress=self.progress,
+                io=self.io,
             )
         if cfg.scorer == "callable":
             assert cfg.fn is not None
@@ -287,11 +388,16 @@ class DifficultyScorer:
             out = np.empty(len(dataset), dtype=np.float64)
             with torch.no_grad():
                 for start in _batches(len(dataset), cfg.batch_size, "scoring", self.progress):
-                    inputs, targets = fetch(
-                        dataset, np.arange(start, min(start + cfg.batch_size, len(dataset)))
+                    batch = fetch(
+                        dataset,
+                        np.arange(start, min(start + cfg.batch_size, len(dataset))),
+                        self.io.fmt,
                     )
-                    values = torch.as_tensor(fn(inputs, targets)).reshape(-1)
-                    out[start : start + len(values)] = values.double().numpy()
+                    # Pairs are passed as (inputs, targets); other batches whole.
+                    pair = isinstance(batch, tuple | list) and len(batch) == 2
+                    result = fn(*batch) if pair else fn(batch)
+                    values = torch.as_tensor(result).reshape(-1)
+                    out[start : start + len(values)] = values.double().cpu().numpy()
             return out
         # self_taught
         spec = cfg.model if cfg.model is not None else self.default_model
@@ -309,6 +415,7 @@ class DifficultyScorer:
             ),
             seed=self.seed,
             progress=self.progress,
+            io=self.io,
         )
 
 

@@ -1,80 +1,142 @@
-"""Evaluation of a model on a named set: loss and accuracy, computed batched under no_grad."""
+"""Evaluation on a named set: metrics over this rank's share, summed on the model's device.
+
+:func:`evaluate_sums` returns unnormalised sums as tensors on the device the model
+computes on (an evaluation never waits on the host between batches, and a
+distributed run all-reduces the sums with the engine's device-aware collective);
+:func:`finalize` turns the reduced sums into values.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from stagetrain.data import fetch, truncate
-from stagetrain.losses import BUILTIN_LOSS_FNS
+from stagetrain.batch import Batch, fit_length, to_device
+from stagetrain.config import EvalConfig
+from stagetrain.curriculum import Curriculum, Stage
+from stagetrain.data import fetch
+from stagetrain.errors import ConfigError
+from stagetrain.losses import StageLoss
+from stagetrain.metrics import Metric, Sums, build_metrics, compute_all
+from stagetrain.modelio import ModelIO, Prediction
 
 
-def accuracy_counts(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Number of correct predictions (argmax of logits ``[..., C]``) and of predictions."""
-    predicted = output.argmax(dim=-1)
-    return (predicted == target).sum(), target.numel()
+@dataclass
+class EvalSet:
+    """An evaluation, built: its config, config path, calling convention and metrics."""
+
+    config: EvalConfig
+    field: str
+    io: ModelIO
+    metrics: list[Metric]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def build_eval(curriculum: Curriculum, ev: EvalConfig) -> EvalSet:
+    """Resolve an evaluation's loss and metrics (errors name ``evals[i]``)."""
+    field = curriculum.eval_field(ev)
+    loss = StageLoss.build([ev.loss], field=f"{field}.loss", has_teacher=curriculum.has_teacher)
+    if loss.needs_teacher:
+        raise ConfigError(f"{field}.loss: an evaluation's loss cannot need a teacher")
+
+    def loss_value(pred: Prediction) -> torch.Tensor:
+        return loss(pred)[0]
+
+    metrics = build_metrics(
+        ev.metrics,
+        loss_fn=loss_value,
+        ignore_index=curriculum.fmt.ignore_index,
+        field=f"{field}.metrics",
+    )
+    return EvalSet(ev, field, curriculum.model_io(loss), metrics)
+
+
+def eval_batches(
+    dataset: Any,
+    *,
+    eval_set: EvalSet,
+    batch_size: int,
+    max_samples: int | None,
+    seq_len: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+) -> Iterator[Batch]:
+    """This rank's batches of an evaluation set (every ``world_size``-th sample)."""
+    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    indices = np.arange(rank, n, world_size)
+    fmt = eval_set.io.fmt
+    for count, start in enumerate(range(0, len(indices), batch_size)):
+        if limit is not None and count >= limit:
+            return
+        batch = fetch(dataset, indices[start : start + batch_size], fmt)
+        yield fit_length(batch, seq_len, fmt=fmt, pad=False)
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_sums(
     model: torch.nn.Module,
     dataset: Any,
+    eval_set: EvalSet,
     *,
-    metrics: list[str],
-    loss_name: str = "cross_entropy",
-    batch_size: int = 1024,
-    max_samples: int | None = None,
     seq_len: int | None = None,
     device: torch.device | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> dict[str, torch.Tensor]:
-    """Sums needed for ``metrics`` over this rank's share of ``dataset``.
+    limit: int | None = None,
+) -> Sums:
+    """Metric sums of ``model`` over this rank's share of ``dataset``, on the model's device.
 
-    Returns unnormalised sums (``loss_sum``, ``correct``, ``count``, ``samples``) as tensors
-    so that a distributed run can all-reduce them before :func:`finalize_metrics`.
+    ``limit``: at most this many batches (the preflight runs one).
     """
     was_training = model.training
     model.eval()
-    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-    indices = np.arange(rank, n, world_size)
-    loss_fn = BUILTIN_LOSS_FNS[loss_name]
-    sums = {
-        "loss_sum": torch.zeros((), dtype=torch.float64),
-        "correct": torch.zeros((), dtype=torch.float64),
-        "count": torch.zeros((), dtype=torch.float64),
-        "samples": torch.zeros((), dtype=torch.float64),
-        "exact": torch.zeros((), dtype=torch.float64),
-    }
-    for start in range(0, len(indices), batch_size):
-        inputs, targets = truncate(fetch(dataset, indices[start : start + batch_size]), seq_len)
-        if device is not None:
-            inputs, targets = inputs.to(device), targets.to(device)
-        output = model(inputs)
-        if "loss" in metrics:
-            sums["loss_sum"] += loss_fn(output, targets).double().cpu() * len(targets)
-        if "accuracy" in metrics:
-            correct, count = accuracy_counts(output, targets)
-            sums["correct"] += correct.double().cpu()
-            sums["count"] += count
-        if "exact_match" in metrics:
-            # A sample counts only when every position of it is right (a whole sum, say).
-            hits = (output.argmax(-1) == targets).reshape(len(targets), -1).all(dim=1)
-            sums["exact"] += hits.sum().double().cpu()
-        sums["samples"] += len(targets)
-    model.train(was_training)
+    sums: Sums = {}
+    try:
+        for batch in eval_batches(
+            dataset,
+            eval_set=eval_set,
+            batch_size=eval_set.config.batch_size,
+            max_samples=eval_set.config.max_samples,
+            seq_len=seq_len,
+            rank=rank,
+            world_size=world_size,
+            limit=limit,
+        ):
+            if device is not None:
+                batch = to_device(batch, device)
+            pred = eval_set.io.predict(model, batch)
+            for metric in eval_set.metrics:
+                metric.update(pred, sums)
+    finally:
+        model.train(was_training)
     return sums
 
 
-def finalize_metrics(sums: dict[str, torch.Tensor], metrics: list[str]) -> dict[str, float]:
-    """Turn (possibly all-reduced) sums into metric values."""
-    out: dict[str, float] = {}
-    if "loss" in metrics:
-        out["loss"] = float(sums["loss_sum"] / sums["samples"].clamp(min=1))
-    if "accuracy" in metrics:
-        out["accuracy"] = float(sums["correct"] / sums["count"].clamp(min=1))
-    if "exact_match" in metrics:
-        out["exact_match"] = float(sums["exact"] / sums["samples"].clamp(min=1))
-    return out
+def finalize(eval_set: EvalSet, sums: Sums) -> dict[str, float]:
+    """Metric values from (all-reduced) sums."""
+    return compute_all(eval_set.metrics, sums)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    curriculum: Curriculum,
+    ev: EvalConfig,
+    *,
+    stage: Stage | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """One process's evaluation of ``model`` on ``ev`` (a convenience for own loops)."""
+    eval_set = build_eval(curriculum, ev)
+    dataset = curriculum.eval_dataset(ev, stage)
+    sums = evaluate_sums(
+        model, dataset, eval_set, seq_len=curriculum.eval_seq_len(ev, stage), device=device
+    )
+    return finalize(eval_set, sums)

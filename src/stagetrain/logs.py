@@ -13,19 +13,86 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
 from stagetrain.checkpoint import atomic_write_text
+from stagetrain.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
 
+_NONFINITE = ("nan", "inf", "-inf")  # JSON has no NaN/inf: the logger writes them as strings
+
+
+class _Record(BaseModel):
+    """Fields every record has (others are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: StrictStr
+    step: int = Field(ge=0)
+    stage: StrictStr
+    stage_step: int = Field(ge=0)
+
+
+class _Progress(_Record):
+    """Records that place themselves on the run's axes (evaluations, stage starts)."""
+
+    samples: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    time: float = Field(ge=0)
+
+
+class _Eval(_Progress):
+    name: StrictStr
+
+
+_SCHEMAS: dict[str, type[_Record]] = {"eval": _Eval, "stage_start": _Progress, "train": _Record}
+
+
+def validate_record(record: object) -> dict[str, Any]:
+    """``record`` checked against the schema of its type; raises ``ValueError`` saying what
+    is wrong. Metric values of evaluations must be numbers (or "nan"/"inf" strings)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    schema = _SCHEMAS.get(str(record.get("type")), _Record)
+    try:
+        schema.model_validate(record)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "record"
+        raise ValueError(f"{where}: {err['msg']}") from None
+    if record["type"] == "eval":
+        for key, value in record.items():
+            if key in _Eval.model_fields:
+                continue
+            if isinstance(value, bool) or not (
+                isinstance(value, int | float) or value in _NONFINITE
+            ):
+                raise ValueError(f"{key}: a metric must be a number, got {value!r}")
+    return record
+
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL log (a torn last line from a kill is ignored)."""
+    """Every record of a JSONL log, each validated (:func:`validate_record`).
+
+    A torn last line — one without its newline, as a kill during a write leaves — is
+    ignored. Anything else that is not a valid record raises :class:`DataError` naming
+    the file and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the log: {exc}") from None
+    lines = text.split("\n")
+    lines.pop()  # after the last newline: '' unless the last write was cut short
     records = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+            records.append(validate_record(json.loads(line)))
+        except (json.JSONDecodeError, ValueError) as exc:
+            problem = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise DataError(f"{path} line {number}: {problem}") from None
     return records
 
 
@@ -69,6 +136,16 @@ class RunLogger:
                 pass
             else:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
+
+    def truncate(self, lines: int) -> None:
+        """Drop every record after the first ``lines`` (a rollback returns to a checkpoint)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        kept = self.path.read_text().splitlines()[:lines]
+        atomic_write_text(self.path, "".join(x + "\n" for x in kept))
+        self.lines = len(kept)
+        self._file = self.path.open("a")
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (flushed at once so that a kill loses at most this line)."""

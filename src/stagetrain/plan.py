@@ -29,6 +29,8 @@ class StagePlan:
     """(label, share of samples, passes over the source)."""
     up_to: bool = False
     """True when the stage may end earlier (metric-triggered advance)."""
+    loss: str = ""
+    """The stage's loss terms (``cross_entropy``, ``0.5 x kl_distill``, ...)."""
 
 
 @dataclass
@@ -76,6 +78,8 @@ class Plan:
                 lines.append(
                     f"{'':{widths[0]}}    data {label}: {share:.1%} of samples, {passes:.2f} passes"
                 )
+            if s.loss:
+                lines.append(f"{'':{widths[0]}}    loss {s.loss}")
         for warning in self.warnings:
             lines.append(f"warning: {warning}")
         return "\n".join(lines)
@@ -90,6 +94,7 @@ def make_plan(curriculum: Curriculum) -> Plan:
     warnings: list[str] = []
     step = samples = tokens = 0
     for stage in curriculum.stages:
+        stage.check_sources_fit()
         # Closed forms (constant weights) or a bounded integration (schedules): never one
         # entry per step, so planning costs the same for 10^3 and 10^12 steps.
         shares = stage.sampler.source_shares()
@@ -123,6 +128,10 @@ def make_plan(curriculum: Curriculum) -> Plan:
                 warmup_steps=stage.warmup_steps,
                 sources=sources,
                 up_to=stage.config.advance is not None,
+                loss=" + ".join(
+                    t.name if t.weight == 1.0 else f"{t.weight:g} x {t.name}"
+                    for t in stage.loss.terms
+                ),
             )
         )
         step += stage.steps

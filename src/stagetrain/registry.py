@@ -20,6 +20,9 @@ BUILTIN_SOURCES: dict[str, str] = {
     "addition": "stagetrain.recipes.addition:addition_dataset",
     "stdlib_text": "stagetrain.recipes.pystdlib:stdlib_text",
     "budget_text": "stagetrain.elastic.data:budget_tagged",
+    # Real data on disk (stagetrain.sources): token files and Hugging Face datasets.
+    "tokens": "stagetrain.sources.tokens:tokens_source",
+    "hf": "stagetrain.sources.hf:hf_source",
 }
 """Built-in data sources: name -> import path of a factory ``(**args) -> Dataset``."""
 
@@ -78,8 +81,11 @@ def call_factory(
     with the message ``"{what} failed: Type: message"``, so the user sees which field broke."""
     try:
         return factory(**args)
-    except StageTrainError:
-        raise
+    except StageTrainError as exc:
+        field = what.split(": ", 1)[0]
+        if str(exc).startswith(field):
+            raise
+        raise type(exc)(f"{field}: {exc}") from None  # name the config field that broke
     except Exception as exc:  # a user factory may raise anything
         raise error(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -87,16 +93,29 @@ def call_factory(
 def build_model(cfg: Any, *, seed: int, field: str = "model") -> Any:
     """Build the ``nn.Module`` a :class:`~stagetrain.config.ModelConfig` declares.
 
-    The factory runs under ``torch.manual_seed(seed)`` so initial weights follow the
-    seed; ``weights`` (a state_dict file or ``.safetensors``) is then loaded safely.
+    The factory runs with every global generator seeded by ``seed`` (and receives
+    ``seed`` when it takes one), so initial weights follow the seed; ``weights`` (a
+    state_dict file or ``.safetensors``) is then loaded safely.
     """
+    import inspect
+
     import torch
+
+    from stagetrain.seeding import seeded
 
     factory = resolve_factory(
         builtin=cfg.builtin, factory=cfg.factory, table=BUILTIN_MODELS, field=field, kind="model"
     )
-    torch.manual_seed(seed)
-    model = call_factory(factory, cfg.args, error=ConfigError, what=f"{field}: building the model")
+    args = dict(cfg.args)
+    try:
+        takes_seed = "seed" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_seed = False
+    if takes_seed and "seed" not in args:
+        args["seed"] = seed
+    torch.manual_seed(seed)  # the model's own draws follow the seed (kept for callers)
+    with seeded(seed):
+        model = call_factory(factory, args, error=ConfigError, what=f"{field}: building the model")
     if not isinstance(model, torch.nn.Module):
         raise StageTrainError(f"{field}: the factory returned {type(model).__name__}, not a Module")
     if cfg.weights is not None:

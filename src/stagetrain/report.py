@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from stagetrain.compare import Analysis, ArmAnalysis, analyze, markdown_table
+from stagetrain.errors import ConfigError
 
 ARM_COLORS = {
     "curriculum": "#1f77b4",
@@ -34,26 +35,28 @@ def machine_description() -> str:
     )
 
 
-def _band(arm: ArmAnalysis, axis: str, grid: np.ndarray) -> tuple[np.ndarray, ...] | None:
-    """Median and quartiles over seeds of the metric, interpolated on ``grid``."""
-    curves = []
+def curve_band(arm: ArmAnalysis, axis: str, grid: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """Median and quartiles over the arm's seeds of the metric on ``grid`` (``axis``:
+    step, time or tokens).
+
+    Each run is interpolated on the grid between its own evaluations; the band is NaN
+    beyond the point where the arm's first run ends (and before the last one starts),
+    so the median is always over every run, never over the survivors.
+    """
+    curves, firsts, lasts = [], [], []
     for run in arm.runs:
         if run.status != "completed" or not run.curve:
             continue
         x = np.array([p[axis] for p in run.curve], dtype=float)
         y = np.array([p["value"] for p in run.curve], dtype=float)
-        # Beyond a run's last point the curve is undefined, not flat: mask it.
-        inside = (grid >= x[0]) & (grid <= x[-1])
-        curves.append(np.where(inside, np.interp(grid, x, y), np.nan))
+        curves.append(np.interp(grid, x, y))
+        firsts.append(x[0])
+        lasts.append(x[-1])
     if not curves:
         return None
+    inside = (grid >= max(firsts)) & (grid <= min(lasts))
     stack = np.vstack(curves)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return tuple(np.nanpercentile(stack, q, axis=0) for q in (50, 25, 75))
+    return tuple(np.where(inside, np.percentile(stack, q, axis=0), np.nan) for q in (50, 25, 75))
 
 
 def plot_curves(analysis: Analysis, axis: str, path: Path) -> Path:
@@ -68,7 +71,7 @@ def plot_curves(analysis: Analysis, axis: str, path: Path) -> Path:
     if xs:
         grid = np.linspace(0, max(xs), 300)
         for arm in analysis.arms:
-            band = _band(arm, axis, grid)
+            band = curve_band(arm, axis, grid)
             if band is None:
                 continue
             color = ARM_COLORS.get(arm.arm)
@@ -86,7 +89,11 @@ def plot_curves(analysis: Analysis, axis: str, path: Path) -> Path:
         }[axis]
     )
     ax.set_ylabel(str(analysis.metric))
-    ax.set_title(f"{analysis.metric}: median over {len(analysis.seeds)} seeds, IQR shaded")
+    ax.set_title(
+        f"{analysis.metric}: median over {len(analysis.seeds)} seeds, IQR shaded "
+        "(each curve ends where the arm's first run ends)",
+        fontsize=9,
+    )
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -180,35 +187,68 @@ def _table_html(markdown: str) -> str:
     return "\n".join(out)
 
 
-def write_report(out_dir: str | Path, *, target: float | None = None) -> tuple[Path, str]:
-    """Write PNG plots and ``report.html`` into ``out_dir``; returns the HTML path and table."""
-    out = Path(out_dir)
-    analysis = analyze(out, target=target)
+def report_name(*, target: float | None, metric: str | None) -> str:
+    """Suffix of the files of a non-default report, e.g. ``-test.loss-target-2.4``."""
+    suffix = f"-{metric}" if metric is not None else ""
+    return suffix + (f"-target-{target:g}" if target is not None else "")
+
+
+def write_report(
+    out_dir: str | Path,
+    *,
+    target: float | None = None,
+    metric: str | None = None,
+    out: str | Path | None = None,
+) -> tuple[Path, str]:
+    """Write PNG plots and an HTML page; returns the HTML path and the table.
+
+    Args:
+        out_dir: the comparison directory.
+        target: time-to-target threshold (default: the comparison's ``--target``, else the
+            baseline's median final value).
+        metric: ``EVAL.KEY`` to report instead of the comparison's own metric.
+        out: directory for the files (default ``out_dir``). In ``out_dir`` itself a
+            report with a ``target`` or ``metric`` gets its own file names
+            (``report-test.loss-target-2.4.html``), so the default ``report.html``
+            is never overwritten by a variant.
+    """
+    source = Path(out_dir)
+    analysis = analyze(source, target=target, metric=metric)
+    dest = Path(out) if out is not None else source
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"{dest}: is a file, not a directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    suffix = "" if out is not None else report_name(target=target, metric=metric)
     table = markdown_table(analysis)
     plots = [
-        plot_curves(analysis, "step", out / "curve_steps.png"),
-        plot_curves(analysis, "time", out / "curve_time.png"),
-        plot_curves(analysis, "tokens", out / "curve_tokens.png"),
-        plot_box(analysis, out / "final_box.png"),
+        plot_curves(analysis, "step", dest / f"curve_steps{suffix}.png"),
+        plot_curves(analysis, "time", dest / f"curve_time{suffix}.png"),
+        plot_curves(analysis, "tokens", dest / f"curve_tokens{suffix}.png"),
+        plot_box(analysis, dest / f"final_box{suffix}.png"),
     ]
     notes = [line for line in table.splitlines() if line and not line.startswith("|")]
-    config_text = (out / "config.yaml").read_text()
+    config_text = (source / "config.yaml").read_text()
     page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>stagetrain report: {html.escape(out.name)}</title>
+<html><head><meta charset="utf-8"><title>stagetrain report: {html.escape(source.name)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; font-size: 0.9em; }}
+body {{ font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.85em; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
 th {{ background: #f3f3f3; }}
 img {{ max-width: 100%; display: block; margin: 1em 0; }}
 pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; }}
 </style></head><body>
 <h1>Did the curriculum help?</h1>
-<p>{"<br>".join(html.escape(n) for n in notes)}</p>
 {_table_html(table)}
-<p>Paired differences use the same seeds for both arms: mean difference with a 95 % percentile
-bootstrap interval and a two-sided Wilcoxon signed-rank p-value; "no significant difference"
-means p &ge; 0.05. Every derived arm has the curriculum's total budget and LR trajectory.</p>
+<p>{"<br>".join(html.escape(n) for n in notes)}</p>
+<p>Seeds are paired across arms. The p-value is an exact paired permutation (sign-flip)
+test on the per-seed differences (Monte Carlo, with its standard error, above 20 seeds);
+the interval beside it is the same test inverted, so "no significant difference" appears
+exactly when the interval contains 0. Per-arm means carry BCa bootstrap intervals. Time to
+target is censored: the fraction of runs that reached it (Clopper-Pearson interval), the
+median only when more than half did, and a paired test in which a miss is slower than any
+hit. Every derived arm keeps the curriculum's stages, optimizers, LR trajectory,
+hand-offs and freezing, and changes only the data.</p>
 <h2>Target metric against steps</h2>{_img(plots[0])}
 <h2>Target metric against wall-clock time</h2>{_img(plots[1])}
 <h2>Target metric against tokens seen</h2>{_img(plots[2])}
@@ -217,6 +257,6 @@ means p &ge; 0.05. Every derived arm has the curriculum's total budget and LR tr
 <h2>Curriculum</h2><pre>{html.escape(config_text)}</pre>
 </body></html>
 """
-    path = out / "report.html"
+    path = dest / f"report{suffix}.html"
     path.write_text(page)
     return path, table

@@ -9,10 +9,12 @@ Two pieces, used together at the start of :func:`stagetrain.fit` (by the main pr
   The operating system drops it when the holder exits or is killed (even ``kill -9``),
   so a stale lock file never blocks anyone. The holder writes its PID, host and start
   time into the file, and a second process is refused with one line naming them.
-* :func:`decide_run_dir` — the run-directory policy: a fresh run goes only into a new or
-  empty directory; a used one needs ``--resume`` / ``--auto-resume`` (continue from its
-  newest checkpoint) or ``--overwrite`` (move its contents aside into
-  ``<run_dir>/.old-<UTC time>/``, never delete them). A run whose ``summary.json`` says
+* :func:`decide_run_dir` — the run-directory policy: a fresh run goes only into a
+  directory without run files; a used one needs ``--resume`` / ``--auto-resume``
+  (continue from its newest checkpoint) or ``--overwrite`` (move its run files aside into
+  ``<run_dir>/.replaced-<UTC time>/``, never delete them). Only the files a run writes
+  (:data:`RUN_FILES`) make a directory used; a scheduler's log beside them does not.
+  A run whose ``summary.json`` says
   ``completed`` for the state of its newest checkpoint is ``finished``: resuming it
   changes nothing.
 
@@ -42,8 +44,10 @@ from stagetrain.errors import CheckpointError, RunDirError
 
 LOCK_NAME = ".stagetrain.lock"
 """The lock file inside a run directory (its content: the holder's pid, host, start time)."""
-OLD_PREFIX = ".old-"
-"""Prefix of the folders that ``--overwrite`` moves earlier contents into."""
+OLD_PREFIX = ".replaced-"
+"""Prefix of the folders that ``--overwrite`` moves an earlier run into."""
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tb")
+"""What a run writes into its directory; other files (a scheduler's log, say) are left alone."""
 SUMMARY = "summary.json"
 
 Action = Literal["fresh", "resume", "finished"]
@@ -196,14 +200,12 @@ class RunDirDecision:
 
 
 def run_dir_contents(run_dir: str | Path) -> list[str]:
-    """Names in the run directory that belong to a run (not the lock, not moved-aside runs)."""
+    """The run files (:data:`RUN_FILES`) present in ``run_dir``: what makes it used."""
+    run_dir = Path(run_dir)
     try:
-        names = os.listdir(run_dir)
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
+        return [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+    except OSError as exc:  # pragma: no cover - lexists does not raise on Linux
         raise RunDirError(f"{run_dir}: cannot list ({exc.strerror or exc})") from None
-    return sorted(n for n in names if n != LOCK_NAME and not n.startswith(OLD_PREFIX))
 
 
 def decide_run_dir(
@@ -221,7 +223,7 @@ def decide_run_dir(
     new or empty           none, auto-resume   fresh
     new or empty           resume              error: no checkpoint to resume from
     used                   none                error naming its contents and the flags
-    used                   overwrite           contents moved to ``.old-<time>/``; fresh
+    used                   overwrite           run files moved to ``.replaced-<time>/``
     has checkpoint files   resume, auto-resume resume (or finished, see below)
     used, no checkpoint    resume              error: no checkpoint to resume from
     used, no checkpoint    auto-resume         contents moved aside; fresh
@@ -279,7 +281,7 @@ def decide_run_dir(
 
 
 def move_aside(run_dir: Path, names: list[str] | None = None) -> Path:
-    """Move ``names`` (default: all of a run's contents) into ``run_dir/.old-<UTC time>/``.
+    """Move ``names`` (default: the run files present) into ``run_dir/.replaced-<UTC time>/``.
 
     Renames within one file system: nothing is copied or deleted.
     """

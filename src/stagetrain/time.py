@@ -197,3 +197,37 @@ class TimeContext:
     def tokens(self, steps: int) -> int:
         """Tokens seen in ``steps`` steps."""
         return steps * self.batch_size * self.tokens_per_sample
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The counters an interval is measured in, at one moment of a run."""
+
+    step: int
+    samples: int
+    tokens: int
+
+
+class Interval:
+    """ "Every N units" (``eval_every``, ``checkpoint.every``) as a crossing test.
+
+    Steps, samples and tokens count globally, so the arms of a comparison evaluate at
+    the same amount of data; epochs and fractions are converted to steps per stage.
+    """
+
+    def __init__(self, text: str | None, *, field: str = "every") -> None:
+        self.duration = Duration.parse(text, field=field) if text else None
+
+    def due(self, before: Counters, after: Counters, stage_step: int, context: TimeContext) -> bool:
+        """Whether a multiple of the interval was crossed between ``before`` and ``after``
+        (``stage_step``: the stage-local step reached, for epoch and fraction units)."""
+        if self.duration is None:
+            return False
+        unit, every = self.duration.unit, self.duration.value
+        if unit is TimeUnit.STEP:
+            return math.floor(after.step / every) > math.floor(before.step / every)
+        if unit is TimeUnit.SAMPLE:
+            return math.floor(after.samples / every) > math.floor(before.samples / every)
+        if unit is TimeUnit.TOKEN:
+            return math.floor(after.tokens / every) > math.floor(before.tokens / every)
+        return stage_step % context.to_steps(self.duration, field="every") == 0

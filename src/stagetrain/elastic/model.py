@@ -172,6 +172,12 @@ class ElasticGPT(nn.Module):
             self.router = BudgetRouter(specs, choices, full=full, arch=self.arch, **(router or {}))
 
     @property
+    def input_vocab_size(self) -> int:
+        """Input ids this model accepts: budget-tagged ids reach ``vocab * budgets``."""
+        budgets = len(self.router.budgets) if self.router is not None else 1
+        return self.vocab * budgets
+
+    @property
     def full_params(self) -> int:
         """Parameters of the full model (the router's excluded)."""
         return param_count(**self.arch)

@@ -1,6 +1,7 @@
 """Thin adapters that run a stagetrain curriculum inside other training frameworks.
 
-``stagetrain.integrations.hf`` (Hugging Face Trainer) and
-``stagetrain.integrations.lightning`` (PyTorch Lightning) import their framework
-lazily: install ``stagetrain[hf]`` or ``stagetrain[lightning]``.
+``stagetrain.integrations.hf`` (Hugging Face Trainer),
+``stagetrain.integrations.lightning`` (PyTorch Lightning) and
+``stagetrain.integrations.keras`` (Keras 3, any backend) import their framework
+lazily: install ``stagetrain[hf]``, ``stagetrain[lightning]`` or ``stagetrain[keras]``.
 """

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from stagetrain.batch import Batch
 from stagetrain.curriculum import Curriculum
-from stagetrain.data import Batch
 from stagetrain.errors import ConfigError
+from stagetrain.modelio import Prediction, logits_of
 from stagetrain.stepdata import step_loader
 
 
@@ -129,6 +130,6 @@ class CurriculumTrainer(Trainer):
             min(self.state.global_step, self.curriculum.total_steps - 1)
         )
         outputs = model(input_ids=inputs["input_ids"])
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs
-        loss = stage.loss(logits, inputs["labels"])[0]
+        pred = Prediction(logits_of(outputs), inputs["labels"], None, outputs, inputs)
+        loss = stage.loss(pred, model=model)[0]
         return (loss, outputs) if return_outputs else loss
