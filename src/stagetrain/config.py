@@ -854,12 +854,27 @@ def parse_config(data: dict[str, Any], *, source: str | None = None) -> Curricul
         raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
 
 
+def _read_text(path: Path) -> str:
+    """A config file's text; unreadable or binary files are one-line :class:`ConfigError` s."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file (not valid UTF-8 at byte {exc.start}); "
+            "a curriculum is a .yaml or .toml text file"
+        ) from None
+
+
 def load_config(path: str | Path) -> CurriculumConfig:
     """Read a curriculum from a ``.yaml``/``.yml`` or ``.toml`` file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    text = _read_text(path)
     try:
         if path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)
