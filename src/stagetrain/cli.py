@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,17 +24,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from stagetrain import fit
     from stagetrain.config import load_config
     from stagetrain.curriculum import Curriculum
+    from stagetrain.env import read_launch_env
 
+    env = read_launch_env()  # a malformed launcher variable is one line, before any work
     config = load_config(args.config)
     if args.seed is not None:
         config = config.model_copy(update={"seed": args.seed})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.run_dir is None:
+    if env.distributed and args.run_dir is None:
         raise ConfigError("--run-dir: required when several processes share one run")
-    resume = args.resume
     # Under torchrun --max-restarts, a restarted job continues from its last checkpoint.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if (args.auto_resume or restarted) and args.run_dir is not None:
-        resume = resume or (args.run_dir / "checkpoints" / "manifest.json").exists()
+    auto_resume = args.auto_resume or env.restarted
     curriculum = Curriculum(config)
     model = curriculum.build_model()
     result = fit(
@@ -43,13 +41,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         curriculum,
         teacher=curriculum.build_teacher(),
         run_dir=args.run_dir,
-        resume=resume,
+        resume=args.resume,
+        auto_resume=auto_resume and not args.resume,
+        overwrite=args.overwrite,
         on_change=args.on_change,
         device=args.device,
         progress=not args.no_progress,
         engine=args.engine,
+        handle_signals=True,
     )
-    if result.state.step and int(os.environ.get("RANK", "0")) != 0:
+    if result.stopped_by is not None:
+        if env.is_main:
+            print(
+                f"stagetrain: {result.stopped_by.message(step=result.state.step)}", file=sys.stderr
+            )
+        return result.stopped_by.exit_code
+    if not env.is_main:
         return 0  # only rank 0 reports
     for name, metrics in result.metrics.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -244,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume when --run-dir holds a checkpoint, else start "
         "(implied after a torchrun restart)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a used --run-dir, moving its files into .replaced-<time>/",
     )
     run.add_argument("--seed", type=int, default=None, help="override the config's seed")
     run.add_argument(

@@ -88,6 +88,11 @@ class RunDirLock:
             raise RunDirError(f"{self.run_dir}: not a directory")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(
+                f"{self.run_dir}: run directory is not writable ({exc.strerror or exc})"
+            ) from None
+        try:
             # O_NOFOLLOW: a symbolic link planted as the lock file is refused, not written.
             flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(self.path, flags, 0o644)

@@ -12,7 +12,6 @@ import hashlib
 import inspect
 import io
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,14 @@ from stagetrain.batch import leaves
 from stagetrain.checkpoint import atomic_write, sha256_file
 from stagetrain.config import DifficultyConfig, ModelConfig
 from stagetrain.data import fetch
+from stagetrain.env import cache_dir
 from stagetrain.registry import import_path
 
 
 def default_cache_dir() -> Path:
-    """``$STAGETRAIN_CACHE`` or ``~/.cache/stagetrain/scores``."""
-    env = os.environ.get("STAGETRAIN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "stagetrain" / "scores"
+    """``$STAGETRAIN_CACHE`` or ``~/.cache/stagetrain/scores``, checked (see
+    :func:`stagetrain.env.cache_dir`: a writable directory, not ``/proc``)."""
+    return cache_dir()
 
 
 def dataset_fingerprint(dataset: Any, identity: str) -> str:
