@@ -73,7 +73,9 @@ def layer(module: str) -> str:
     for name, prefixes in LAYERS.items():
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return name
-    return "application" if module in APPLICATIONS else "core"
+    # An application may be a package (stagetrain.compare): its modules are applications too.
+    is_app = any(module == a or module.startswith(a + ".") for a in APPLICATIONS)
+    return "application" if is_app else "core"
 
 
 def test_no_import_cycle() -> None:
