@@ -20,6 +20,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     "addition": "stagetrain.recipes.addition:addition_dataset",
     "stdlib_text": "stagetrain.recipes.pystdlib:stdlib_text",
     "budget_text": "stagetrain.elastic.data:budget_tagged",
+    "elastic_text": "stagetrain.elastic.data:budget_items",
 }
 """Built-in data sources: name -> import path of a factory ``(**args) -> Dataset``."""
 
@@ -30,6 +31,10 @@ BUILTIN_MODELS: dict[str, str] = {
     "elastic_gpt": "stagetrain.elastic.model:elastic_gpt",
     "elastic_parent": "stagetrain.recipes.elastic:elastic_parent",
     "elastic_pruned": "stagetrain.recipes.elastic:pruned_teacher",
+    "elastic_hf": "stagetrain.recipes.elastic:elastic_hf",
+    "hf_causal_lm": "stagetrain.elastic.hf:hf_causal_lm",
+    "hf_sliced": "stagetrain.elastic.hf:hf_sliced",
+    "extracted": "stagetrain.elastic.extract:extracted",
 }
 """Built-in models: name -> import path of a factory ``(**args) -> nn.Module``."""
 
