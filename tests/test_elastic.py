@@ -359,3 +359,77 @@ def test_extract_command_writes_a_standalone_model(
         main(["extract", str(tmp_path / "run"), "--budget", "huge", "--out", str(tmp_path / "x")])
         == 2
     )
+
+
+class _Skip(torch.nn.Module):
+    """A removed layer (for a from-scratch depth-importance computation)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x
+
+
+def _nmse(model: ElasticGPT, batches: list[torch.Tensor], removed: list[int]) -> float:
+    without = copy.deepcopy(model)
+    for j in removed:
+        without.blocks[j] = _Skip()
+    error = norm = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            full = model(batch).double()
+            error += float((full - without(batch).double()).pow(2).sum())
+            norm += float(full.pow(2).sum())
+    return error / norm
+
+
+def test_layers_are_ranked_by_iterative_removal() -> None:
+    """Remove the least important layer, re-score the rest without it, repeat (the
+    paper); on this model that ranks layers differently from scoring each alone."""
+    torch.manual_seed(3)
+    model = ElasticGPT(**dict(ARCH, layers=4)).eval()
+    with torch.no_grad():
+        for block in model.blocks:  # larger residual updates: the layers interact more
+            block.fc2.weight.mul_(4)
+            block.proj.weight.mul_(4)
+    batches = calibration_batches(**CALIBRATION)
+    removed: list[int] = []
+    while len(removed) < 4:
+        rest = [j for j in range(4) if j not in removed]
+        removed.append(min(rest, key=lambda j: _nmse(model, batches, [*removed, j])))
+    one_shot = sorted(range(4), key=lambda j: -_nmse(model, batches, [j]))
+    assert removed[::-1] != one_shot  # the test can tell the two apart
+    rank_and_permute(model, batches)
+    assert [int(r) for r in model.layer_rank.argsort()] == removed[::-1]
+
+
+def test_mlp_neuron_importance_is_scored_before_the_activation() -> None:
+    from stagetrain.elastic.importance import score
+
+    torch.manual_seed(0)
+    model = ElasticGPT(**ARCH).eval()
+    batches = calibration_batches(**CALIBRATION)
+    seen: list[torch.Tensor] = []
+    handle = model.blocks[1].fc1.register_forward_hook(lambda m, a, o: seen.append(o.abs()))
+    importance = score(model, batches)
+    handle.remove()
+    n = len(batches)  # the statistics pass comes first
+    pre = sum(o.mean(dim=(0, 1)) for o in seen[:n]) / n
+    assert isinstance(pre, torch.Tensor)
+    assert torch.allclose(importance.neurons[1], pre, rtol=1e-5)
+
+
+def test_extract_refuses_a_budget_off_target_unless_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = elastic_config()
+    config["stages"][0]["duration"] = "2ba"
+    config["stages"][1]["duration"] = "2ba"
+    run(config, tmp_path / "run")
+    out = tmp_path / "small"
+    base = ["extract", str(tmp_path / "run"), "--budget", "small", "--out", str(out)]
+    assert main([*base, "--tolerance", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "'small' is" in err and "off its parameter target" in err and "--project" in err
+    assert not out.exists()  # refused: nothing written
+    assert main([*base, "--project"]) == 0
+    spec = json.loads((out / "model.json").read_text())
+    assert abs(spec["params"] / spec["parent_params"] / spec["target"] - 1) <= 0.05

@@ -234,8 +234,8 @@ def train_nested(
         loss.backward()
         optimizer.step()
         if log_every and (step.step % log_every == 0 or step.step == curriculum.total_steps - 1):
-            record = {"step": float(step.step), "loss": float(loss)}
-            record.update({k: float(v) for k, v in terms.items()})
+            record = {"step": float(step.step), "loss": float(loss.detach())}
+            record.update({k: float(v.detach()) for k, v in terms.items()})
             run.losses.append(record)
             if on_log is not None:
                 on_log(record)
