@@ -393,3 +393,15 @@ def test_extract_uses_the_routers_choice() -> None:
         with torch.no_grad():
             got = child.model.eval()(x).logits
             assert (got - model(input_ids=x, budget=index).logits).abs().max() < 1e-5
+
+
+def test_half_precision_stays_half_and_checkpointing_is_refused() -> None:
+    model = elastic("llama-gqa-untied").to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(input_ids=tokens(), budget=torch.tensor([2, 1, 0])).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    enable = getattr(model.model, "activation_checkpointing_enable", None)
+    (enable or model.model.gradient_checkpointing_enable)()
+    model.train()
+    with pytest.raises(ConfigError, match="gradient checkpointing is not supported"):
+        model(input_ids=tokens(), budget=0)

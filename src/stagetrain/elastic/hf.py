@@ -139,6 +139,11 @@ class ElasticModel(nn.Module):
         if reference is None:
             raise ConfigError("budget=: needs input_ids (or inputs_embeds) to size the batch")
         index = budget_index(self.router, budget, reference.shape[0], reference.device)
+        if self.training and _checkpointing(self.model):
+            raise ConfigError(
+                "budget=: gradient checkpointing is not supported with budgets (its "
+                "recomputation runs outside the forward pass's masks); disable it"
+            )
         with self.hooks.apply(route(self, index)):
             return _output(self.model(input_ids, *args, **kwargs), self.output)
 
@@ -149,6 +154,14 @@ class ElasticModel(nn.Module):
     def budget_logits(self, batch: Any, budget: int) -> torch.Tensor:
         out = self(**_hf_inputs(batch), budget=budget)
         return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed it; the old name warns.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def _hf_inputs(batch: Any) -> dict[str, Any]:

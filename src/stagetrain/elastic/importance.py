@@ -64,15 +64,28 @@ def _token_weights(batch: Any) -> torch.Tensor | None:
     return None
 
 
+# Full-model logits of the calibration batches are kept between removal rounds up to
+# this many elements (64 MiB of float64); beyond, each round recomputes them.
+CACHE_LOGITS = 1 << 23
+
+
 @torch.no_grad()
 def _depth_errors(
-    host: ElasticHost, batches: list[Any], removed: list[int], candidates: list[int]
+    host: ElasticHost,
+    batches: list[Any],
+    removed: list[int],
+    candidates: list[int],
+    cache: dict[int, torch.Tensor],
 ) -> torch.Tensor:
     """Normalised logit MSE of removing ``removed + [j]`` for every candidate ``j``."""
     error = torch.zeros(len(candidates), dtype=torch.float64)
     norm = torch.zeros((), dtype=torch.float64)
-    for batch in batches:
-        full = host.plain_logits(batch).double()
+    for k, batch in enumerate(batches):
+        full = cache.get(k)
+        if full is None:
+            full = host.plain_logits(batch).double()
+            if sum(t.numel() for t in cache.values()) + full.numel() <= CACHE_LOGITS:
+                cache[k] = full
         norm += full.pow(2).sum()
         for i, j in enumerate(candidates):
             with host.hooks.apply(skip=(*removed, j)):
@@ -121,15 +134,16 @@ def score(
     heads = averaged(recorder.heads, "attention output")
 
     scores = torch.zeros(layers)
+    cache: dict[int, torch.Tensor] = {}
     if depth == "one-shot":
-        errors = _depth_errors(host, batches, [], list(range(layers)))
+        errors = _depth_errors(host, batches, [], list(range(layers)), cache)
         scores = errors.float()
         order = descending(scores).tolist()
     else:
         removed: list[int] = []
         remaining = list(range(layers))
         while remaining:
-            errors = _depth_errors(host, batches, removed, remaining)
+            errors = _depth_errors(host, batches, removed, remaining, cache)
             least = remaining[int(errors.argmin())]
             scores[least] = float(errors.min())
             removed.append(least)

@@ -13,6 +13,10 @@ they do nothing until :meth:`MaskHooks.apply` sets masks for one forward pass:
 - a decoder layer that a sample drops returns its input for that sample:
   ``out = x + gate * (layer(x) - x)``.
 
+Masks are cast to each activation's dtype, so half-precision models stay in theirs.
+Activation checkpointing is refused with budgets: its recomputation runs in the
+backward pass, outside the forward pass's masks.
+
 A masked forward pass therefore computes what a really smaller model computes
 (:mod:`~stagetrain.elastic.extract`), while training still runs the full model's
 compute for every sample. The same hooks record importance statistics (norm outputs,
@@ -128,7 +132,8 @@ class _ChannelOutput(_Hook):
         masks = self.owner.masks
         if masks is None or masks.channels is None:
             return None
-        return _replace_first(output, _first(output) * masks.channels)
+        out = _first(output)
+        return _replace_first(output, out * masks.channels.to(out.dtype))
 
 
 class _Norm(_Hook):
@@ -138,7 +143,8 @@ class _Norm(_Hook):
         owner = self.owner
         masks = owner.masks
         if masks is not None and masks.channels is not None:
-            output = masked_norm(module, args[0], masks.channels, owner.layout.norm)
+            x = args[0]
+            output = masked_norm(module, x, masks.channels.to(x.dtype), owner.layout.norm)
         recorder = owner.recorder
         if recorder is not None:
             recorder.channels = recorder.add(recorder.channels, recorder.mean(output.abs()))
@@ -157,9 +163,10 @@ class _HeadInput(_Hook):
             per_head = x.unflatten(-1, (-1, owner.sizes.head_dim)).norm(dim=-1)
             recorder.heads[layer] = recorder.add(recorder.heads[layer], recorder.mean(per_head))
         masks = owner.masks
-        if masks is None or masks.heads[layer] is None:
+        mask = None if masks is None else masks.heads[layer]
+        if mask is None:
             return None
-        return (x * masks.heads[layer], *args[1:])
+        return (x * mask.to(x.dtype), *args[1:])
 
 
 class _NeuronInput(_Hook):
@@ -173,9 +180,10 @@ class _NeuronInput(_Hook):
         if recorder is not None:
             recorder.post[layer] = recorder.add(recorder.post[layer], recorder.mean(x.abs()))
         masks = owner.masks
-        if masks is None or masks.neurons[layer] is None:
+        mask = None if masks is None else masks.neurons[layer]
+        if mask is None:
             return None
-        return (x * masks.neurons[layer], *args[1:])
+        return (x * mask.to(x.dtype), *args[1:])
 
 
 class _PreActivation(_Hook):
@@ -199,7 +207,7 @@ class _Layer(_Hook):
         masks = owner.masks
         if masks is None or masks.layers is None:
             return None
-        gate = masks.layers[:, layer, None, None]
+        gate = masks.layers[:, layer, None, None].to(x.dtype)
         out = _first(output)
         return _replace_first(output, x + gate * (out - x))
 

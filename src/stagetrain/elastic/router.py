@@ -76,7 +76,6 @@ class BudgetRouter(nn.Module):
     """
 
     order: torch.Tensor
-    targets: torch.Tensor
     grid_index: torch.Tensor
     forwards: torch.Tensor
     is_full: torch.Tensor
@@ -143,9 +142,6 @@ class BudgetRouter(nn.Module):
         # Budgets from the largest target down: the order in which choices are capped.
         order = sorted(range(len(budgets)), key=lambda i: -budgets[i].target)
         self.register_buffer("order", torch.tensor(order))
-        self.register_buffer("targets", torch.tensor([b.target for b in budgets]))
-        for axis in self.axes:
-            self.register_buffer(f"sizes_{axis.name}", torch.tensor(axis.choices).float())
         if self.exact:
             # Every configuration of the grid as choice indices, one row per axis.
             ranges = [torch.arange(len(axis.choices)) for axis in self.axes]
@@ -155,7 +151,7 @@ class BudgetRouter(nn.Module):
             grid_index = torch.zeros(len(self.axes), 0, dtype=torch.long)
         self.register_buffer("grid_index", grid_index, persistent=False)
         self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
-        self.register_buffer("is_full", self.targets >= 1.0)
+        self.register_buffer("is_full", torch.tensor([b.target >= 1.0 for b in budgets]))
         # Choice index per (budget, axis) once projected; -1 while the router chooses.
         self.register_buffer("pinned", torch.full((len(budgets), len(self.axes)), -1))
 
@@ -168,8 +164,22 @@ class BudgetRouter(nn.Module):
                 return i
         raise KeyError(f"no budget {name!r}; budgets are {[b.name for b in self.budgets]}")
 
+    @property
+    def device(self) -> torch.device:
+        return self.order.device
+
+    # Costs are computed in float64 from the configuration, not from buffers, so that
+    # casting the model to half precision leaves parameter counts and targets exact.
     def sizes(self, axis: str) -> torch.Tensor:
-        return getattr(self, f"sizes_{axis}")
+        """The choices of ``axis`` as a float64 tensor."""
+        choices = next(a.choices for a in self.axes if a.name == axis)
+        return torch.tensor(choices, dtype=torch.float64, device=self.device)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The budgets' targets as a float64 tensor."""
+        return torch.tensor([b.target for b in self.budgets], dtype=torch.float64,
+                            device=self.device)  # fmt: skip
 
     def annealing(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(temperature, logit scale)`` at the current training progress (as tensors,
@@ -185,8 +195,10 @@ class BudgetRouter(nn.Module):
     def logits(self, axis: str) -> torch.Tensor:
         """``(n_budgets, n_choices)`` scaled logits of one axis (the sampling distribution
         is their softmax)."""
-        eye = torch.eye(len(self.budgets), device=self.targets.device)
-        return self.nets[axis](eye) * self.annealing()[1]
+        net = self.nets[axis]
+        dtype = next(net.parameters()).dtype
+        eye = torch.eye(len(self.budgets), device=self.device, dtype=dtype)
+        return net(eye).float() * self.annealing()[1]
 
     def all_logits(self) -> dict[str, torch.Tensor]:
         """:meth:`logits` of every axis (computed once per forward pass and shared)."""
@@ -236,7 +248,7 @@ class BudgetRouter(nn.Module):
             mode = self.select(training=False, logits=logits)
         previous = self.order.clone()
         previous[self.order[1:]] = self.order[:-1]
-        largest = torch.arange(len(self.budgets), device=self.targets.device) == self.order[0]
+        largest = torch.arange(len(self.budgets), device=self.device) == self.order[0]
         caps = []
         for axis in self.axes:
             chosen = mode[axis.name].argmax(-1)
@@ -272,7 +284,7 @@ class BudgetRouter(nn.Module):
         if self.exact:
             index = self.grid_index.T[None].expand(n, -1, -1)  # (budgets, grid, axes)
             index = torch.minimum(index, caps[:, None, :])
-            probability = torch.ones(n, self.grid_index.shape[1], device=self.targets.device)
+            probability = torch.ones(n, self.grid_index.shape[1], device=self.device)
             for position, axis in enumerate(self.axes):
                 p = torch.softmax(logits[axis.name], -1)
                 probability = probability * p[:, self.grid_index[position]]
@@ -285,7 +297,7 @@ class BudgetRouter(nn.Module):
                 fixed = self.error_of(self.pinned.clamp(min=0)[:, None, :], layer_rank)[:, 0]
             value = torch.where(pinned, fixed, value)
         # The parent (target 1.0) is pinned to its full size: nothing to learn there.
-        return torch.where(self.is_full, 0.0, value)
+        return torch.where(self.is_full, 0.0, value).float()
 
     def _sampled_error(
         self,
@@ -296,7 +308,7 @@ class BudgetRouter(nn.Module):
         """Monte-Carlo ``E |params / target - 1|`` whose gradient is the score-function
         (REINFORCE) estimate with a leave-one-out baseline."""
         n, k = len(self.budgets), self.samples
-        draws, log_p = [], torch.zeros(n, k, device=self.targets.device)
+        draws, log_p = [], torch.zeros(n, k, device=self.device)
         for axis in self.axes:
             log_probs = torch.log_softmax(logits[axis.name], -1)
             drawn = torch.multinomial(log_probs.detach().exp(), k, replacement=True)
@@ -317,7 +329,7 @@ class BudgetRouter(nn.Module):
         a configuration that no single-axis change can improve but that misses its
         target."""
         logits = self.all_logits() if logits is None else logits
-        total = torch.zeros(len(self.budgets), device=self.targets.device)
+        total = torch.zeros(len(self.budgets), device=self.device)
         for axis in self.axes:
             log_p = torch.log_softmax(logits[axis.name], -1)
             total = total - (log_p.exp() * log_p).sum(-1)
