@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recipes import EXAMPLES, ROOT, write_result
+from recipes import EXAMPLES, RESULTS, ROOT, write_result
 
 from stagetrain.elastic import check_budgets, extract, save_hf
 from stagetrain.recipes.elastic import train_nested, validation_loss
@@ -102,21 +103,23 @@ def nested_config(
 
 
 def train_teacher(config: dict[str, Any], run_dir: Path) -> float:
-    summary = run_dir / "summary.json"
+    """Run the teacher (reusing a finished run of exactly this config); its seconds."""
     path = run_dir.parent / "teacher.yaml"
+    done = run_dir.parent / "teacher.done"  # the config text, written once the run finished
     text = yaml.safe_dump(config, sort_keys=False)
-    finished = summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
-    if finished and path.exists() and path.read_text() == text:
-        return float(json.loads(summary.read_text())["state"]["elapsed_s"])
+    if done.exists() and done.read_text() == text:
+        return float(json.loads((run_dir / "summary.json").read_text())["state"]["elapsed_s"])
+    # Not run, changed, or interrupted: start over (it would measure something else).
+    shutil.rmtree(run_dir, ignore_errors=True)
+    done.unlink(missing_ok=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     start = time.perf_counter()
     command = [sys.executable, "-m", "stagetrain.cli", "run", str(path), "--run-dir",
-               str(run_dir), "--no-progress", "--on-change", "restart-stage"]  # fmt: skip
-    if (run_dir / "checkpoints" / "manifest.json").exists():
-        command.append("--resume")
+               str(run_dir), "--no-progress"]  # fmt: skip
     with open(run_dir.parent / "teacher.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    done.write_text(text)
     return time.perf_counter() - start
 
 
@@ -167,14 +170,22 @@ def spread(values: list[float], digits: int = 4) -> str:
 
 def pct(values: list[float]) -> str:
     return (f"{statistics.median(values):+.1%} ({min(values):+.1%} – {max(values):+.1%}); "
-            f"max |miss| {max(abs(v) for v in values):.1%}")  # fmt: skip
+            f"largest miss {max(abs(v) for v in values):.1%}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, short runs")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 5 quick, 3 full)")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite the Markdown from the saved JSON"
+    )
     args = parser.parse_args()
+    stem = "elastic-llama-quick" if args.quick else "elastic-llama"
+    if args.tables_only:
+        data = json.loads((RESULTS / f"{stem}.json").read_text())
+        write_result("elastic-llama", args.quick, render(data, args.quick), data)
+        return
     seeds = list(range(args.seeds or (5 if args.quick else 3)))
     root = ROOT / "runs" / "bench" / ("elastic-llama-quick" if args.quick else "elastic-llama")
     context = 256
@@ -202,19 +213,29 @@ def main() -> None:
                 print(
                     f"  {name}: {status['off_target']:+.1%} off, val {result['val_loss'][name]:.4f}"
                 )
+    data = {"teacher_val_loss": teacher_loss, "seeds": seeds, "results": results,
+            "teacher_seconds": teacher_seconds, "teacher": teacher_args["config"],
+            "context": context}  # fmt: skip
+    write_result("elastic-llama", args.quick, render(data, args.quick), data)
+
+
+def render(data: dict[str, Any], quick: bool) -> str:
+    """The Markdown of a result (``--tables-only`` redraws it from the JSON)."""
+    results: dict[str, list[dict[str, Any]]] = data["results"]
+    seeds, teacher_loss, context = data["seeds"], data["teacher_val_loss"], data["context"]
+    teacher_seconds, sizes = data["teacher_seconds"], data["teacher"]
     budgets = list(results["own"][0]["own"])
-    sizes = teacher_args["config"]
     lines = [
-        f"### elastic-llama ({'quick' if args.quick else 'full'})",
+        f"### elastic-llama ({'quick' if quick else 'full'})",
         "",
-        f"Command: `python benchmarks/elastic_llama.py{' --quick' if args.quick else ''}`. "
+        f"Command: `python benchmarks/elastic_llama.py{' --quick' if quick else ''}`. "
         f"Teacher: LlamaForCausalLM (hidden {sizes['hidden_size']}, {sizes['num_attention_heads']} "
         f"query heads sharing {sizes['num_key_value_heads']} key/value heads of "
         f"{sizes['head_dim']}, SwiGLU {sizes['intermediate_size']}, "
         f"{sizes['num_hidden_layers']} layers; bytes as tokens), validation loss "
         f"{teacher_loss:.4f} at context {context}. Nested runs through "
         "`train_nested` (the two-stage curriculum of examples/elastic_llama.yaml"
-        f"{', durations shrunk' if args.quick else ''}), seeds {seeds}. Cells: median "
+        f"{', durations shrunk' if quick else ''}), seeds {seeds}. Cells: median "
         "(min – max) over seeds.",
         "",
         "Budgets against their parameter targets (tolerance 5 %), off target = "
@@ -274,9 +295,7 @@ def main() -> None:
         + ", ".join(f"{arm} {spread([r['seconds'] for r in rs], 0)}" for arm, rs in results.items())
         + ".",
     ]  # fmt: skip
-    data = {"teacher_val_loss": teacher_loss, "seeds": seeds, "results": results,
-            "teacher_seconds": teacher_seconds}  # fmt: skip
-    write_result("elastic-llama", args.quick, "\n".join(lines), data)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

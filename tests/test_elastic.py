@@ -433,3 +433,40 @@ def test_extract_refuses_a_budget_off_target_unless_told(
     assert main([*base, "--project"]) == 0
     spec = json.loads((out / "model.json").read_text())
     assert abs(spec["params"] / spec["parent_params"] / spec["target"] - 1) <= 0.05
+
+
+def test_dict_batches_reach_student_and_teacher_alike() -> None:
+    model = parent(1).eval()
+    teacher = ElasticGPT(**ARCH).eval()
+    x = tokens()
+    batch = {"input_ids": x, "budget": torch.tensor([2, 1, 0, 2])}
+    with torch.no_grad():
+        student = model(**batch)
+        for i, b in enumerate(batch["budget"].tolist()):
+            assert (student[i] - model(x[i : i + 1], budget=b)[0]).abs().max() < 1e-5
+        assert torch.equal(teacher(**batch), teacher(x))  # the teacher ignores the budget
+
+
+def test_heterogeneous_elastic_gpt_extracts_per_layer_sizes(tmp_path: Path) -> None:
+    from stagetrain.elastic import save_extracted, slice_model
+
+    torch.manual_seed(0)
+    model = elastic_parent(
+        teacher=ARCH, weights=None, budgets=BUDGETS, choices=CHOICES, calibration=CALIBRATION,
+        heterogeneous=True,
+    ).eval()  # fmt: skip
+    assert model.router is not None and len(model.router.axes) == 2 + 2 * ARCH["layers"]
+    config = {"width": 24, "heads_0": 4, "heads_1": 2, "heads_2": 3, "ffn_0": 32, "ffn_1": 64,
+              "ffn_2": 48, "depth": 3}  # fmt: skip
+    child = slice_model(model, config)
+    assert child.params == model.router.params_of(config, model.layer_rank)
+    router = model.router
+    router.pinned[0] = torch.tensor([len(a.choices) - 1 for a in router.axes])
+    router.pinned[1] = router.pinned[0]
+    router.pinned[2] = torch.tensor([a.choices.index(config[a.name]) for a in router.axes])
+    x = tokens()
+    with torch.no_grad():
+        want = model(x, budget=2)
+        assert (child.model.eval()(x) - want).abs().max() < 1e-5
+        save_extracted(child, tmp_path / "h")
+        assert (load_extracted(tmp_path / "h")(x) - want).abs().max() < 1e-5

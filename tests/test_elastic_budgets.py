@@ -4,6 +4,8 @@ within tolerance, the sampled router loss for grids too large to enumerate."""
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,16 @@ def test_heterogeneous_router_reaches_its_targets() -> None:
     train_router(elastic, 250)
     for status in check_budgets(elastic, 0.05):
         assert status.ok, status.line()
+
+
+def test_budget_check_callback_writes_every_budget(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from stagetrain.elastic import BudgetCheck
+
+    elastic = model(0)
+    BudgetCheck(0.05).on_fit_end(SimpleNamespace(model=elastic, run_dir=tmp_path))
+    written = json.loads((tmp_path / "budgets.json").read_text())
+    assert [b["name"] for b in written] == ["full", "mid", "small"]
+    want = {s.name: s.ok for s in check_budgets(elastic, 0.05)}
+    assert {b["name"]: b["ok"] for b in written} == want

@@ -159,11 +159,13 @@ class ElasticGPT(nn.Module):
             x = block(x)
         return self.head(self.ln(x))
 
-    def forward(self, tokens: torch.Tensor, budget: Any = None) -> torch.Tensor:
-        """Logits for ``tokens`` at ``budget`` (per-sample indices, one index or one
+    def forward(self, input_ids: torch.Tensor, budget: Any = None) -> torch.Tensor:
+        """Logits for ``input_ids`` at ``budget`` (per-sample indices, one index or one
         name; see the module docstring for budget-tagged ids). A model without budgets
-        ignores ``budget`` (a teacher computes the full model whatever it is given)."""
-        tokens, tagged = self.split_tags(tokens)
+        ignores ``budget`` (a teacher computes the full model whatever it is given), so
+        a dict batch ``{"input_ids", "budget"}`` can be passed as ``model(**batch)`` to
+        the student and the teacher alike."""
+        tokens, tagged = self.split_tags(input_ids)
         if self.router is None:
             self.router_loss = None
             return self._logits(tokens)

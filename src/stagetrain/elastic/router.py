@@ -380,8 +380,9 @@ class BudgetRouter(nn.Module):
     @torch.no_grad()
     def project(self, tolerance: float, layer_rank: torch.Tensor | None = None) -> None:
         """Pin every budget to the nearest configuration within ``tolerance`` of its
-        target (see the module docstring); raises :class:`ConfigError` naming a budget
-        for which no nested configuration is that close."""
+        target (see the module docstring), greedily from the largest budget down (each
+        nested in the pins before it); raises :class:`ConfigError` naming a budget for
+        which no such configuration is that close."""
         current = self.choice_indices().cpu()
         pins = self.pinned.clone().cpu()
         cap = torch.tensor([len(a.choices) - 1 for a in self.axes])

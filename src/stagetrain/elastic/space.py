@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from stagetrain.elastic.family import Family, LayerSize, check_head_choices, head_positions
+from stagetrain.elastic.family import Family, check_head_choices, head_positions
 from stagetrain.errors import ConfigError
 
 KINDS = ("width", "heads", "ffn", "depth")
@@ -129,16 +129,3 @@ class Space:
         sizes = torch.tensor(axis.choices, device=layer_rank.device, dtype=torch.float32)
         positions = self.positions(axis, layer_rank).float()
         return (positions[None, :] < sizes[:, None]).float()
-
-    def layers_of(
-        self, config: Mapping[str, int], layer_rank: torch.Tensor
-    ) -> tuple[list[int], list[LayerSize]]:
-        """``(kept parent layers in order, their sizes)`` of a configuration."""
-        kept = [i for i in range(self.family.sizes.layers) if int(layer_rank[i]) < config["depth"]]
-        sizes = [
-            LayerSize(
-                int(self._layer_size(config, "heads", i)), int(self._layer_size(config, "ffn", i))
-            )
-            for i in kept
-        ]
-        return kept, sizes

@@ -17,7 +17,8 @@ the parent computes exactly what the teacher computes.
 (:meth:`~stagetrain.curriculum.Curriculum.steps`), the budget of each sample taken from
 the mixture source it was drawn from, exactly as the ``elastic_text`` dict items carry
 it. It exists until :func:`stagetrain.fit` passes dict batches to the model; then
-``stagetrain run examples/elastic_llama.yaml`` is the same run.
+``stagetrain run examples/elastic_llama.yaml`` is the same run. :func:`main`
+(``python -m stagetrain.recipes.elastic CONFIG --out DIR``) runs it from the shell.
 """
 
 from __future__ import annotations
@@ -269,3 +270,45 @@ def validation_loss(
     if not math.isfinite(value):
         raise ConfigError(f"validation_loss: non-finite loss at budget {budget!r}")
     return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stagetrain.recipes.elastic CONFIG --out DIR``: the nested run of an
+    elastic config with ``elastic_text`` sources through :func:`train_nested`, then every
+    budget checked, extracted as a Hugging Face directory under ``DIR/<budget>``, loaded
+    back with ``transformers`` and evaluated. Until ``stagetrain run`` passes dict batches."""
+    import argparse
+    from pathlib import Path
+
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from stagetrain.elastic.budgets import check_budgets, require_on_target
+    from stagetrain.elastic.extract import extract, save_hf
+
+    parser = argparse.ArgumentParser(prog="python -m stagetrain.recipes.elastic")
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--context", type=int, default=256)
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(args.config.read_text())
+    run = train_nested(config, log_every=25, on_log=lambda r: print(r, flush=True))
+    parent: Any = run.model
+    tokenizer = config["model"].get("args", {}).get("tokenizer")
+    for status in check_budgets(parent):
+        print(status.line())
+        require_on_target(status)
+        loss = validation_loss(parent, budget=status.name, context=args.context)
+        if status.target >= 1.0:
+            print(f"{status.name}: validation loss {loss:.4f} (the parent at full size)")
+            continue
+        out = args.out / status.name
+        save_hf(extract(parent, status.name), parent.family, out, tokenizer=tokenizer)
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        reloaded = validation_loss(loaded, context=args.context)
+        print(f"{status.name}: validation loss {loss:.4f} masked, {reloaded:.4f} loaded from {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
