@@ -92,24 +92,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# A router that has converged lands a budget within this of its parameter target.
-OFF_TARGET_WARNING = 0.05
-
-
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from stagetrain.elastic.extract import extract_run
+    from stagetrain.elastic.export import extract_run
 
-    report = extract_run(args.run_dir, args.budget, args.out, check_batches=args.check_batches)
+    report = extract_run(
+        args.run_dir,
+        args.budget,
+        args.out,
+        format=args.format,
+        tolerance=args.tolerance,
+        allow_off_target=args.allow_off_target,
+        project=args.project,
+        check_batches=args.check_batches,
+    )
     for line in report.lines():
         print(line)
-    if abs(report.off_target) > OFF_TARGET_WARNING:
-        print(
-            f"stagetrain: warning: {args.budget!r} is {report.off_target:+.1%} off its parameter "
-            f"target (more than {OFF_TARGET_WARNING:.0%}): train the router longer or give its "
-            "loss more weight",
-            file=sys.stderr,
-        )
-    if report.max_abs_diff >= 1e-4:
+    for warning in report.warnings:
+        print(f"stagetrain: warning: {warning}", file=sys.stderr)
+    if max(report.max_abs_diff, report.reloaded_diff) >= 1e-4:
         print("stagetrain: error: the extracted model does not match the parent", file=sys.stderr)
         return 1
     return 0
@@ -322,8 +322,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ext.add_argument("run_dir", type=Path, help="the elastic run's directory")
     ext.add_argument("--budget", required=True, help="budget name, e.g. small")
+    ext.add_argument("--out", type=Path, required=True, help="output directory")
     ext.add_argument(
-        "--out", type=Path, required=True, help="directory for model.safetensors + model.json"
+        "--format",
+        choices=["stagetrain", "hf"],
+        default="stagetrain",
+        help="stagetrain: model.safetensors + model.json (any configuration); hf: a "
+        "directory AutoModelForCausalLM.from_pretrained loads, with the run's tokenizer "
+        "(default: %(default)s)",
+    )
+    ext.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="refuse a budget whose parameters miss its target by more (default: %(default)s)",
+    )
+    ext.add_argument(
+        "--allow-off-target",
+        action="store_true",
+        help="write a budget beyond the tolerance anyway, with a warning",
+    )
+    ext.add_argument(
+        "--project",
+        action="store_true",
+        help="first pin every budget to the nearest configuration within the tolerance",
     )
     ext.add_argument(
         "--check-batches",
