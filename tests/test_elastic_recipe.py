@@ -146,13 +146,9 @@ def test_extract_command_on_a_hugging_face_run(
 
 def test_llama_recipe_through_fit_with_dict_batches(teacher_dir: Path, tmp_path: Path) -> None:
     """The production path (`stagetrain run examples/elastic_llama.yaml`): dict items
-    {"input_ids", "labels", "budget"} called as model(**batch). Skipped until fit()
-    takes dict batches (the loop rebuild); then it must pass as it stands."""
+    {"input_ids", "labels", "budget"} called as model(**batch)."""
     config = quick_nested(teacher_dir)
-    try:
-        curriculum = Curriculum(parse_config(config), progress=False)
-    except ValueError as exc:  # the current data path unpacks every batch as a pair
-        pytest.skip(f"fit() does not take dict batches yet ({exc})")
+    curriculum = Curriculum(parse_config(config), progress=False)
     model = curriculum.build_model()
     run_dir = tmp_path / "nested"
     fit(model, curriculum, run_dir=run_dir, progress=False, tensorboard=False)
