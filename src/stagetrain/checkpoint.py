@@ -30,27 +30,35 @@ failed save wrote: the previous checkpoints and the manifest stay as they were.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import pickle
-import random
 import re
-import stat
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import ValidationError
 
+from stagetrain.atomic import atomic_write as atomic_write
+from stagetrain.atomic import atomic_write_text as atomic_write_text
+from stagetrain.atomic import is_regular, unlink_quietly
+from stagetrain.atomic import remove_orphan_temps as remove_orphan_temps
+from stagetrain.atomic import sha256_file as sha256_file
 from stagetrain.errors import CheckpointError, RunDirError
+from stagetrain.manifest import ManifestEntry as ManifestEntry
+from stagetrain.manifest import (
+    ManifestSchema,
+    SidecarSchema,
+    payload_counters,
+    sidecar_name,
+)
+from stagetrain.rng import rng_state as rng_state
+from stagetrain.rng import set_rng_state as set_rng_state
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -69,184 +77,6 @@ LOOP_KEYS: tuple[str, ...] = (
     "log_lines",
 )
 """Keys a checkpoint of the built-in loop needs to resume: pass ``required=LOOP_KEYS``."""
-_TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_.-]+\.[a-z0-9_]{8}\.tmp$")
-"""Temp names of :func:`atomic_write` (``.<name>.<8 random chars>.tmp``) and only those."""
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write a file through ``write(fileobj)`` to a temp name, fsync, then rename over ``path``.
-
-    The rename is atomic on POSIX, so readers see either the old or the new file.
-
-    Raises:
-        RunDirError: when the operating system refuses (disk full, permission denied,
-            read-only file system...), naming ``path``; the temp file is removed and
-            ``path`` keeps its old content.
-    """
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        # mkstemp creates the file private (0600); give it the usual umask-derived mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise RunDirError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp is not None:
-            _unlink_quietly(Path(tmp))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write` for text (UTF-8)."""
-    data = text.encode()
-    atomic_write(path, lambda f: f.write(data))
-
-
-def remove_orphan_temps(run_dir: str | Path) -> list[Path]:
-    """Delete the temp files that killed writes left in ``run_dir`` and its ``checkpoints/``.
-
-    Only regular files named like :func:`atomic_write`'s temp files are removed (never a
-    directory, a symbolic link or any other name). Call it at the start of a run, while
-    holding the run directory's lock: a concurrent writer's temp file would match too.
-
-    Returns:
-        The removed paths.
-    """
-    removed = []
-    for directory in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            continue
-        for name in names:
-            path = directory / name
-            if not _TEMP_NAME.match(name) or not _is_regular(path):
-                continue
-            try:
-                path.unlink()
-            except OSError:
-                continue  # a read-only directory: nothing to clean, nothing lost
-            removed.append(path)
-    return removed
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):  # best effort: the caller reports the real failure
-        path.unlink(missing_ok=True)
-
-
-def _is_regular(path: Path) -> bool:
-    """A regular file, not through a symbolic link."""
-    try:
-        return stat.S_ISREG(path.lstat().st_mode)
-    except OSError:
-        return False
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def rng_state() -> dict[str, Any]:
-    """Global RNG states of torch, CUDA, NumPy and Python, as weights-only-loadable values."""
-    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
-    py_state = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One checkpoint: its file name inside ``checkpoints/``, step, stage and checksum.
-
-    ``sha256`` is ``None`` for a complete checkpoint file found without its sidecar
-    (then the zip archive's own CRCs are checked instead); ``state`` holds the counters
-    the sidecar recorded (``step``, ``stage_index``, ``stage_step``) when known.
-    """
-
-    file: str
-    step: int
-    stage: str
-    sha256: str | None
-    state: dict[str, int] | None = field(default=None, compare=False)
-
-    def manifest_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "step": self.step, "stage": self.stage, "sha256": self.sha256}
-
-
-class _EntrySchema(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    file: StrictStr
-    step: StrictInt = Field(ge=0)
-    stage: StrictStr
-    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class _ManifestSchema(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    checkpoints: list[_EntrySchema]
-
-
-class _SidecarSchema(_EntrySchema):
-    format: StrictInt
-    bytes: StrictInt = Field(ge=0)
-    state: dict[str, StrictInt] | None = None
 
 
 class CheckpointStore:
@@ -302,7 +132,7 @@ class CheckpointStore:
             match = CHECKPOINT_NAME.match(name)
             if match is None:
                 continue
-            sidecar = self._read_sidecar(self.directory / _sidecar_name(name))
+            sidecar = self._read_sidecar(self.directory / sidecar_name(name))
             if sidecar is not None and sidecar.file == name:
                 found.append(sidecar)
             else:
@@ -333,7 +163,7 @@ class CheckpointStore:
         """The newest checkpoint that exists as a regular file (not verified; cheap)."""
         entries, _ = self.candidates()
         for entry in reversed(entries):
-            if _is_regular(self.directory / entry.file):
+            if is_regular(self.directory / entry.file):
                 return entry
         return None
 
@@ -373,7 +203,7 @@ class CheckpointStore:
             raise CheckpointError(f"{path}: a symbolic link; refused (never read or deleted)")
         if not path.exists():
             raise CheckpointError(f"{path}: missing")
-        if not _is_regular(path):
+        if not is_regular(path):
             raise CheckpointError(f"{path}: not a regular file")
         if entry.sha256 is not None:
             if sha256_file(path) != entry.sha256:
@@ -402,7 +232,7 @@ class CheckpointStore:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return [], f"{path}: not valid JSON ({first})"
         try:
-            manifest = _ManifestSchema.model_validate(raw)
+            manifest = ManifestSchema.model_validate(raw)
         except ValidationError as exc:
             from stagetrain.config import format_validation_error
 
@@ -420,10 +250,10 @@ class CheckpointStore:
         return entries, None
 
     def _read_sidecar(self, path: Path) -> ManifestEntry | None:
-        if not _is_regular(path):
+        if not is_regular(path):
             return None
         try:
-            meta = _SidecarSchema.model_validate_json(path.read_bytes())
+            meta = SidecarSchema.model_validate_json(path.read_bytes())
         except (OSError, ValidationError):
             return None
         if meta.format != FORMAT_VERSION or not CHECKPOINT_NAME.match(meta.file):
@@ -442,11 +272,13 @@ class CheckpointStore:
         """
         payload = {"format": FORMAT_VERSION, **payload}
         path = self.directory / f"ckpt-{step:08d}.pt"
-        sidecar = self.directory / _sidecar_name(path.name)
+        sidecar = self.directory / sidecar_name(path.name)
         fresh = not path.exists()
         try:
             atomic_write(path, lambda f: torch.save(payload, f))
-            entry = ManifestEntry(path.name, step, stage, sha256_file(path), _counters(payload))
+            entry = ManifestEntry(
+                path.name, step, stage, sha256_file(path), payload_counters(payload)
+            )
             meta = {"format": FORMAT_VERSION, **entry.manifest_dict(), "bytes": path.stat().st_size}
             if entry.state is not None:
                 meta["state"] = entry.state
@@ -458,8 +290,8 @@ class CheckpointStore:
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
         except (RunDirError, OSError) as exc:
             if fresh:  # nothing names it yet: take back what this save wrote
-                _unlink_quietly(path)
-                _unlink_quietly(sidecar)
+                unlink_quietly(path)
+                unlink_quietly(sidecar)
             detail = str(exc) if isinstance(exc, RunDirError) else f"{path}: {exc.strerror}"
             raise CheckpointError(
                 f"cannot save the checkpoint of step {step}: {detail}; the previous "
@@ -471,7 +303,7 @@ class CheckpointStore:
     def rebuild_manifest(self) -> list[ManifestEntry]:
         """Rewrite the manifest from the checkpoint files (the newest ``keep``); returns it."""
         entries, _ = self.candidates()
-        kept = [e for e in entries if _is_regular(self.directory / e.file)][-self.keep :]
+        kept = [e for e in entries if is_regular(self.directory / e.file)][-self.keep :]
         manifest = {"checkpoints": [e.manifest_dict() for e in kept]}
         try:
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
@@ -482,29 +314,15 @@ class CheckpointStore:
     def _prune(self, stale: Iterable[ManifestEntry]) -> None:
         """Delete old checkpoints and sidecars: regular files with our names only."""
         for entry in stale:
-            for name in (entry.file, _sidecar_name(entry.file)):
+            for name in (entry.file, sidecar_name(entry.file)):
                 path = self.directory / name
                 if path.is_symlink():
                     warnings.warn(
                         f"{path}: a symbolic link; not deleted (never read or deleted)",
                         stacklevel=3,
                     )
-                elif _is_regular(path):
-                    _unlink_quietly(path)
-
-
-def _sidecar_name(checkpoint: str) -> str:
-    return checkpoint[: -len(".pt")] + ".json"
-
-
-def _counters(payload: dict[str, Any]) -> dict[str, int] | None:
-    state = payload.get("state")
-    if not isinstance(state, dict):
-        return None
-    keys = ("step", "stage_index", "stage_step")
-    if not all(isinstance(state.get(k), int) for k in keys):
-        return None
-    return {k: int(state[k]) for k in keys}
+                elif is_regular(path):
+                    unlink_quietly(path)
 
 
 _PAYLOAD_TYPES: dict[str, tuple[type, ...]] = {
