@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stagetrain.apportion import constant_value
 from stagetrain.batch import BatchFormat
 from stagetrain.config import (
     CurriculumConfig,
@@ -350,6 +351,11 @@ def _weight_schedule(weight: Any, steps: int, ctx: TimeContext) -> Schedule:
 
 def _scaled_share(weight: Schedule, group: list[Schedule], scale: float) -> Schedule:
     """``weight`` normalised within ``group`` and scaled to ``scale`` of the batch."""
+    values = [constant_value(g) for g in [weight, *group]]
+    if all(v is not None for v in values):  # constant weights stay constant: O(1) sampling
+        own, *rest = (max(float(v or 0.0), 0.0) for v in values)
+        total = sum(rest)
+        return constant(scale * own / total if total > 0 else scale / len(group))
 
     def schedule(step: float) -> float:
         total = sum(max(g(step), 0.0) for g in group)

@@ -134,7 +134,7 @@ def load_weights(path: str, *, field: str) -> dict[str, Any]:
     from stagetrain.errors import CheckpointError
 
     file = Path(path)
-    if (file / "checkpoints" / "manifest.json").is_file():
+    if (file / "checkpoints").is_dir():  # the manifest may be lost: sidecars rebuild it
         # A run directory: the model weights of its newest intact checkpoint.
         from stagetrain.checkpoint import CheckpointStore
 

@@ -53,6 +53,7 @@ def _train_one(shared: _Shared, job: _RunJob) -> None:
         run_dir=job.run_dir,
         resume=job.resume,
         progress=False,
+        handle_signals=True,  # the pool's SIGTERM on Ctrl-C: checkpoint, then stop
     )
     for name, metrics in result.metrics.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -92,7 +93,8 @@ def run_all(
                 echo(f"[{done}/{total}] {arm} seed {label}: ok (already done)")
                 continue
             (run_dir.parent / f"seed-{label}.failed").unlink(missing_ok=True)
-            resume = (run_dir / "checkpoints" / "manifest.json").exists()
+            # Any checkpoint file counts (a lost manifest is rebuilt from the sidecars).
+            resume = any((run_dir / "checkpoints").glob("ckpt-*.pt"))
             if not resume and run_dir.exists():
                 shutil.rmtree(run_dir)  # an attempt that left no checkpoint: start afresh
             run_dir.parent.mkdir(parents=True, exist_ok=True)
