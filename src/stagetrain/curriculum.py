@@ -34,6 +34,7 @@ from stagetrain.data import (
     SourceBuilder,
     fetch,
     mixture_tokens_per_sample,
+    tokens_per_sample,
 )
 from stagetrain.difficulty import DifficultyScorer, ScoreCache, select_indices
 from stagetrain.errors import ConfigError
@@ -132,7 +133,8 @@ class Curriculum:
         own = [dataset for dataset, _ in built]
         batch_size = cfg.batch_size
         assert batch_size is not None and cfg.optimizer is not None and cfg.loss is not None
-        epoch_samples = int(sum(len(d) for d in own))
+        # An epoch of a token source is a pass over its tokens, not over every window.
+        epoch_samples = round(sum(float(getattr(d, "samples_per_pass", len(d))) for d in own))
         initial = [
             float(s.weight) if isinstance(s.weight, int | float) else 1.0 for s in cfg.data.sources
         ]
@@ -207,6 +209,7 @@ class Curriculum:
             lr_shape=shape,
             seed=self.config.seed,
             paced=paced,
+            tokens_per_source=[tokens_per_sample(d, cfg.seq_len, self.fmt) for d in datasets],
         )
 
     def _source(

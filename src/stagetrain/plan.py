@@ -98,7 +98,7 @@ def make_plan(curriculum: Curriculum) -> Plan:
         # Closed forms (constant weights) or a bounded integration (schedules): never one
         # entry per step, so planning costs the same for 10^3 and 10^12 steps.
         shares = stage.sampler.source_shares()
-        repeats = stage.sampler.source_repeats()
+        repeats = stage.source_passes()
         end_samples = samples + stage.context.samples(stage.steps)
         end_tokens = tokens + stage.context.tokens(stage.steps)
         sources = []

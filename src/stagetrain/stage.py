@@ -58,6 +58,8 @@ class Stage:
     """The curriculum-wide LR (absolute, of the global step) when ``global_lr`` is set."""
     paced: tuple[np.ndarray, Schedule, np.ndarray | None] | None = None
     """(visibility order, pacing function, class labels) when the stage uses pacing."""
+    tokens_per_source: list[int] = field(default_factory=list)
+    """Tokens in one sample of each source at the stage's ``seq_len`` (1 for non-token data)."""
     _sampler: StageSampler | PacedSampler | None = field(default=None, repr=False)
 
     @property
@@ -117,6 +119,27 @@ class Stage:
     def batch(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Batch:
         """This rank's batch for ``stage_step`` (any structure; see :mod:`stagetrain.data`)."""
         return self.fetch(self.indices(stage_step, rank, world_size))
+
+    def source_passes(self) -> np.ndarray:
+        """Passes over each source the stage makes: samples drawn over the samples of one
+        pass (a token source's pass is its tokens: ``samples_per_pass``; else its length)."""
+        drawn = self.sampler.source_shares() * (self.batch_size * self.steps)
+        per_pass = np.array(
+            [float(getattr(d, "samples_per_pass", len(d))) for d in self.data.datasets]
+        )
+        return np.asarray(drawn / per_pass, dtype=float)
+
+    def source_tokens(self, stage_step: int) -> dict[str, int] | None:
+        """Tokens drawn from each source in the stage's first ``stage_step`` steps (all
+        ranks), for mixtures with an exact per-source cursor; None otherwise."""
+        cursor = getattr(self.sampler, "step_cursor", None)
+        if cursor is None or len(self.sources) < 2:
+            return None
+        samples = cursor(min(stage_step, self.steps))
+        return {
+            s.label: int(n) * per
+            for s, n, per in zip(self.sources, samples, self.tokens_per_source, strict=True)
+        }
 
     def check_sources_fit(self) -> None:
         """Fetch one sample of every source as one batch: sources whose items cannot share a

@@ -368,6 +368,9 @@ class Runner:
     def log_train(self, stage: Stage, lr: float, norm: torch.Tensor | None) -> None:
         self.guard.flush()
         fields = self.meter.fields(self.state, lr, norm)
+        by_source = stage.source_tokens(self.state.stage_step)
+        if by_source is not None:  # e.g. did stage 2 really see 70 % / 30 %?
+            fields.update({f"source_tokens/{label}": n for label, n in by_source.items()})
         record = self.record("train", stage, **fields, time=self.elapsed())
         self.logger.log(record)
         self.reporter.train(record)
