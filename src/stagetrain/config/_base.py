@@ -53,3 +53,10 @@ def _check_duration(value: str | None) -> str | None:
     if value is not None:
         Duration.parse(value, field="")
     return value
+
+
+def check_name(value: str) -> str:
+    """Field validator body for stage and evaluation names (they appear in logs and paths)."""
+    if not _NAME_RE.match(value):
+        raise ValueError(f"names use letters, digits, '_', '.', '-'; got {value!r}")
+    return value

@@ -10,7 +10,7 @@ from pydantic import (
     model_validator,
 )
 
-from stagetrain.config._base import _NAME_RE, _check_duration, _Config
+from stagetrain.config._base import _check_duration, _Config, check_name
 from stagetrain.config._sources import DataConfig
 from stagetrain.config._training import (
     AdvanceConfig,
@@ -76,9 +76,7 @@ class StageConfig(_Config):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
-            raise ValueError(f"names use letters, digits, '_', '.', '-'; got {value!r}")
-        return value
+        return check_name(value)
 
     @field_validator("duration")
     @classmethod

@@ -14,12 +14,12 @@ from pydantic import (
 )
 
 from stagetrain.config._base import (
-    _NAME_RE,
     BUILTIN_LOSSES,
     BUILTIN_METRICS,
     _check_duration,
     _Config,
     callable_name,
+    check_name,
 )
 from stagetrain.config._sources import SourceConfig
 from stagetrain.schedules import ConstantSchedule, ScheduleConfig
@@ -299,9 +299,7 @@ class EvalConfig(_Config):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
-            raise ValueError(f"names use letters, digits, '_', '.', '-'; got {value!r}")
-        return value
+        return check_name(value)
 
     @field_validator("every")
     @classmethod

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from stagetrain.advance import AdvanceDecision
+from stagetrain.advance import AdvanceDecision, stage_end_message
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text
 from stagetrain.config import AdvanceConfig
 from stagetrain.curriculum import Curriculum, Stage
@@ -324,11 +324,10 @@ class Runner:
         for ev in self.curriculum.evals_for(stage):
             if self.last_eval_step.get(ev.name) != self.state.step:
                 self.evaluate(stage, self.eval_sets[ev.name])
-        message = f"stage {stage.name!r} ended at step {self.state.step:,}: {ending.detail}"
+        decision = AdvanceDecision(ending.early, ending.reason, ending.detail)
         if ending.early:
-            message += f" ({ending.reason}; planned up to {stage.steps:,} stage steps)"
             self.reporter.shrink(stage.steps - self.state.stage_step)
-        self.reporter.line(message)
+        self.reporter.line(stage_end_message(stage.name, self.state.step, decision, stage.steps))
         self.logger.log(
             self.record(
                 "stage_end",

@@ -11,7 +11,14 @@ from typing import Any
 
 import yaml
 
-from stagetrain.advance import AdvanceDecision, check_advance
+from stagetrain.advance import (
+    NONFINITE_ADVICE,
+    AdvanceDecision,
+    check_advance,
+    nonfinite_metric,
+    rule_value,
+    stage_end_message,
+)
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text
 from stagetrain.config import AdvanceConfig, EvalConfig
 from stagetrain.curriculum import Curriculum, Stage
@@ -298,19 +305,10 @@ class _Run:
         self._meter_started = time.perf_counter()
 
     def _decide(self, stage: Stage, rule: AdvanceConfig, metrics: dict[str, float]) -> Any:
-        key = rule.metric.partition(".")[2]
-        if key not in metrics:
-            raise TrainingError(
-                f"stages[{stage.index}].advance.metric: the evaluation produced no {key!r}; "
-                f"it produced {sorted(metrics)}"
-            )
-        value = metrics[key]
+        value = rule_value(rule, metrics, stage_index=stage.index)
         if not math.isfinite(value):
-            raise TrainingError(
-                f"{rule.metric} is {value} at step {self.state.step} in stage {stage.name!r}: "
-                "the model diverged or the metric failed; an advance rule never acts on a "
-                "non-finite value"
-            )
+            detail = nonfinite_metric(rule, value, self.state.step, stage.name)
+            raise TrainingError(detail + NONFINITE_ADVICE)
         return check_advance(rule, value, self.state, self.min_steps)
 
     def _evaluate(self, stage: Stage, ev: EvalConfig) -> dict[str, float]:
@@ -335,10 +333,7 @@ class _Run:
             if self.last_eval_step.get(ev.name) != self.state.step:
                 self._evaluate(stage, ev)
         if self.progress:
-            message = f"stage {stage.name!r} ended at step {self.state.step:,}: {ending.detail}"
-            if ending.advance:
-                message += f" ({ending.reason}; planned up to {stage.steps:,} stage steps)"
-            print(message)
+            print(stage_end_message(stage.name, self.state.step, ending, stage.steps))
         self._log(
             self._record(
                 "stage_end",
