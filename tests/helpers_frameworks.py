@@ -104,7 +104,9 @@ def our_loop(
 ) -> tuple[dict[str, torch.Tensor], list[Any]]:
     """Train ``model`` with ``stagetrain.fit``; its final weights and its fetches."""
     fetched.clear()
-    curriculum = build(config, has_teacher="teacher" in kwargs, datasets=kwargs.pop("datasets", None))
+    curriculum = build(
+        config, has_teacher="teacher" in kwargs, datasets=kwargs.pop("datasets", None)
+    )
     fit(model, curriculum, run_dir=run_dir, progress=False, tensorboard=False, **kwargs)
     seen = list(fetched.seen)
     fetched.clear()

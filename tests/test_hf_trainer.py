@@ -70,7 +70,9 @@ class AtStep(transformers.TrainerCallback):  # type: ignore[misc]
     ) -> None:
         self.lrs.append([(g["lr"], g.get("lr_factor", 1.0)) for g in optimizer.param_groups])
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+    ) -> None:
         self.values[state.global_step] = dict(model.named_parameters())[self.name].detach().clone()
 
 
@@ -88,7 +90,9 @@ def test_grad_accum_matches_our_loop(tmp_path: Path, fetches: Fetches, grad_accu
     trainer.add_callback(watch)
     trainer.train()
     assert trainer.state.global_step == 12
-    assert fetches.per_step(grad_accum) == [ours[i : i + grad_accum] for i in range(0, len(ours), grad_accum)]
+    assert fetches.per_step(grad_accum) == [
+        ours[i : i + grad_accum] for i in range(0, len(ours), grad_accum)
+    ]
     for step, micro in enumerate(fetches.per_step(grad_accum)):
         assert {stage for stage, _ in micro} == {curriculum.state_at(step).stage_index}
     assert_same_weights(expected, trainer.model)
@@ -157,14 +161,22 @@ def test_batch_size_arguments_must_match_the_curriculum(
         )
 
 
-def test_a_stage_of_another_batch_size_is_warned_about(tmp_path: Path) -> None:
-    config = two_stage()
+def test_a_stage_of_another_batch_size_is_warned_about_and_trains_like_our_loop(
+    tmp_path: Path, fetches: Fetches
+) -> None:
+    config = two_stage(2)
     config["stages"][1]["batch_size"] = 4
-    with pytest.warns(UserWarning, match=r"stages\[1\].batch_size"):
-        trainer_for(build(config), tmp_path)
+    expected, ours = our_loop(tiny_gpt2(), config, tmp_path / "ours", fetches)
+    with pytest.warns(UserWarning, match=r"stages\[1\].batch_size: 4 samples per step"):
+        trainer = trainer_for(build(config), tmp_path / "hf", 2)
+    trainer.train()
+    assert fetches.seen == ours
+    assert_same_weights(expected, trainer.model)
 
 
-def router_cost(output: torch.Tensor, target: torch.Tensor, *, model: torch.nn.Module) -> torch.Tensor:
+def router_cost(
+    output: torch.Tensor, target: torch.Tensor, *, model: torch.nn.Module
+) -> torch.Tensor:
     """A loss term that reads the model (like a mixture-of-experts router cost)."""
     return model.transformer.wte.weight.pow(2).mean()  # type: ignore[union-attr]
 
@@ -180,7 +192,10 @@ def test_teacher_and_model_terms_match_our_loop(tmp_path: Path, fetches: Fetches
     ]
     expected, ours = our_loop(tiny_gpt2(), config, tmp_path / "ours", fetches, teacher=tiny_gpt2(7))
     trainer = trainer_for(
-        build(config, has_teacher=True), tmp_path / "hf", 2, trainer_kwargs={"teacher": tiny_gpt2(7)}
+        build(config, has_teacher=True),
+        tmp_path / "hf",
+        2,
+        trainer_kwargs={"teacher": tiny_gpt2(7)},
     )
     trainer.train()
     assert fetches.seen == ours
@@ -208,15 +223,23 @@ def test_logs_carry_the_stage_of_the_steps_they_average(tmp_path: Path) -> None:
     is labelled with their stage, and a stage's last step always closes a record (so no
     average mixes two stages)."""
     curriculum = build(two_stage())
-    trainer = trainer_for(curriculum, tmp_path, logging_steps=4)
+    ids = rows(4, 16, seed=3)
+    trainer = trainer_for(
+        curriculum, tmp_path, logging_steps=4, eval_strategy="steps", eval_steps=6,
+        trainer_kwargs={"eval_dataset": [{"input_ids": r, "labels": r.clone()} for r in ids]},
+    )  # fmt: skip
     trainer.train()
+    evals = [(e["step"], e["stage"]) for e in trainer.state.log_history if "eval_loss" in e]
+    assert evals == [(6, "short"), (12, "long")]  # the stage whose steps were just trained
     windows = train_windows(trainer.state.log_history)
     assert [w.stop for w, _ in windows] == [4, 6, 8, 12]
     for steps, entry in windows:
         assert {curriculum.state_at(s).stage_index for s in steps} == {entry["stage_index"]}
         assert entry["stage"] == curriculum.stages[entry["stage_index"]].name
         assert entry["learning_rate"] == pytest.approx(
-            curriculum.stage_at(steps[-1]).lr(steps[-1] - curriculum.stage_at(steps[-1]).planned_start)
+            curriculum.stage_at(steps[-1]).lr(
+                steps[-1] - curriculum.stage_at(steps[-1]).planned_start
+            )
         )
 
 
@@ -229,7 +252,9 @@ def test_resume_is_exact_and_keeps_the_whole_timeline(
     weights are bitwise those of the uninterrupted run, and the stage timeline lists
     the stages before the resume point too."""
     config = two_stage(grad_accum)
-    full = trainer_for(build(config), tmp_path / "full", grad_accum, save_strategy="steps", save_steps=2)
+    full = trainer_for(
+        build(config), tmp_path / "full", grad_accum, save_strategy="steps", save_steps=2
+    )
     full.train()
     uninterrupted = list(fetches.seen)
     fetches.clear()
@@ -250,16 +275,22 @@ def test_refusals(tmp_path: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(ConfigError, match="learning rate"):
-        trainer_for(curriculum, tmp_path, model=model, trainer_kwargs={"optimizers": (optimizer, schedule)})
+        trainer_for(
+            curriculum, tmp_path, model=model, trainer_kwargs={"optimizers": (optimizer, schedule)}
+        )
     config = two_stage(2)
-    with pytest.raises(ConfigError, match=r"stages\[0\].grad_accum: 2.*gradient_accumulation_steps 1"):
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\].grad_accum: 2.*gradient_accumulation_steps 1"
+    ):
         trainer_for(build(config), tmp_path, 1, per_device_train_batch_size=8)
     config = two_stage()
     config["stages"][1]["optimizer"] = {"name": "sgd", "lr": 0.1}
     with pytest.raises(ConfigError, match=r"stages\[1\].optimizer"):
         trainer_for(build(config), tmp_path)
-    config["stages"][1]["handoff"] = "rewarm"  # a kept optimizer only takes new hyperparameters
-    trainer_for(build(config), tmp_path)
+    config = two_stage()
+    del config["stages"][1]["optimizer"]["lr_multipliers"]  # other param groups
+    with pytest.raises(ConfigError, match=r"stages\[1\].optimizer.*param group"):
+        trainer_for(build(config), tmp_path)
 
 
 def test_ignored_training_arguments_are_named(tmp_path: Path) -> None:

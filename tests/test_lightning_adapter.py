@@ -99,7 +99,9 @@ def run(
     }  # fmt: skip
     values.update(trainer_kwargs)
     trainer = L.Trainer(callbacks=[callback, *extra], **values)
-    module = module if module is not None else CurriculumModule(curriculum.build_model(), curriculum)
+    module = (
+        module if module is not None else CurriculumModule(curriculum.build_model(), curriculum)
+    )
     trainer.fit(module, datamodule=CurriculumDataModule(curriculum), ckpt_path=ckpt_path)
     return module, callback
 
@@ -116,7 +118,9 @@ def test_accumulate_grad_batches_matches_our_loop(
     expected, ours = our_loop(curriculum.build_model(), config, tmp_path / "ours", fetches)
     watch = Watch()
     module, callback = run(curriculum, tmp_path / "pl", grad_accum, callbacks=(watch,))
-    assert fetches.per_step(grad_accum) == [ours[i : i + grad_accum] for i in range(0, len(ours), grad_accum)]
+    assert fetches.per_step(grad_accum) == [
+        ours[i : i + grad_accum] for i in range(0, len(ours), grad_accum)
+    ]
     for step, micro in enumerate(fetches.per_step(grad_accum)):
         assert {stage for stage, _ in micro} == {curriculum.state_at(step).stage_index}
     assert_same_weights(expected, module, prefix="model.")
@@ -196,5 +200,5 @@ def test_refusals(tmp_path: Path) -> None:
     config["stages"][1]["optimizer"] = {"name": "sgd", "lr": 0.1}
     with pytest.raises(ConfigError, match=r"stages\[1\].optimizer"):
         run(build(config), tmp_path)
-    with pytest.raises(ConfigError, match="grad_accum"):
+    with pytest.raises(ConfigError, match="cannot make 16 micro-batches"):
         run(curriculum, tmp_path, 16)  # 8 samples cannot make 16 micro-batches
