@@ -121,3 +121,21 @@ def assert_same_weights(
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(got[name], value), (name, (got[name] - value).abs().max().item())
+
+
+def run_ddp(mode: str, out: Path, nproc: int = 2, timeout: int = 300) -> None:
+    """``frameworks_ddp_script.py MODE OUT`` under torchrun, ``nproc`` gloo processes."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", str(tests / "frameworks_ddp_script.py"), mode, str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -105,6 +105,19 @@ def test_grad_accum_matches_our_loop(tmp_path: Path, fetches: Fetches, grad_accu
         assert {factor for _, factor in groups} == {0.5, 1.0}
 
 
+def test_a_plain_torch_module_trains_like_our_loop(tmp_path: Path, fetches: Fetches) -> None:
+    """Not a transformers model: pair batches reach it as ``model(inputs)``."""
+    from helpers_frameworks import OUR_NAMES
+
+    config = two_stage(2, OUR_NAMES)
+    curriculum = build(config)
+    expected, ours = our_loop(curriculum.build_model(), config, tmp_path / "ours", fetches)
+    trainer = trainer_for(curriculum, tmp_path / "hf", 2, model=curriculum.build_model())
+    trainer.train()
+    assert fetches.seen == ours
+    assert_same_weights(expected, trainer.model)
+
+
 def rows(count: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (count, length), generator=torch.Generator().manual_seed(seed))
 
@@ -301,6 +314,10 @@ def test_ignored_training_arguments_are_named(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer_for(build(two_stage()), tmp_path)  # defaults: nothing to warn about
+    config = two_stage()
+    config["evals"] = [{"name": "val", "data": {**config["stages"][0]["data"], "name": "val"}}]
+    with pytest.warns(UserWarning, match=r"evals: the Trainer does not run .*\(val\)"):
+        trainer_for(build(config), tmp_path)
 
 
 def test_the_trainers_own_optimizer(tmp_path: Path, fetches: Fetches) -> None:
@@ -318,3 +335,24 @@ def test_the_trainers_own_optimizer(tmp_path: Path, fetches: Fetches) -> None:
     for step, groups in enumerate(watch.lrs):
         lr = curriculum.stage_at(step).lr(step - curriculum.stage_at(step).planned_start, step)
         assert groups == [(lr, 1.0)] * len(groups)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_our_loop(tmp_path: Path) -> None:
+    """Under torchrun (2 gloo processes, DDP) with gradient accumulation: each rank fetches
+    the same micro-batches as in our loop, and the weights are the same."""
+    import json
+
+    from helpers_frameworks import run_ddp
+
+    run_ddp("fit", tmp_path)
+    run_ddp("hf", tmp_path)
+    for rank in range(2):
+        ours = json.loads((tmp_path / f"fit-rank{rank}.json").read_text())
+        assert json.loads((tmp_path / f"hf-rank{rank}.json").read_text()) == ours
+        assert len(ours) == 12 * 2 and all(len(indices) == 2 for _, indices in ours)
+    expected = torch.load(tmp_path / "fit.pt", weights_only=True)
+    got = torch.load(tmp_path / "hf.pt", weights_only=True)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name

@@ -133,6 +133,47 @@ def test_accumulate_grad_batches_matches_our_loop(
     assert callback.timeline == [(0, "short"), (6, "long")]
 
 
+def router_cost(
+    output: torch.Tensor, target: torch.Tensor, *, model: torch.nn.Module
+) -> torch.Tensor:
+    """A loss term that reads the model (like a mixture-of-experts router cost)."""
+    return model.tokens.weight.pow(2).mean()  # type: ignore[union-attr]
+
+
+def test_teacher_and_model_terms_match_our_loop(tmp_path: Path, fetches: Fetches) -> None:
+    config = two_stage(2, OUR_NAMES)
+    config["stages"][0]["loss"] = [
+        "cross_entropy",
+        {"name": "kl_distill", "weight": 0.5, "args": {"temperature": 2.0}},
+        {"name": router_cost, "weight": 0.1},
+    ]
+    config["teacher"] = {**config["model"], "args": {**config["model"]["args"], "width": 16}}
+    curriculum = build(config)
+    expected, ours = our_loop(curriculum.build_model(), config, tmp_path / "ours", fetches)
+    module, _ = run(curriculum, tmp_path / "pl", 2)  # CurriculumModule builds the teacher
+    assert fetches.seen == ours
+    assert_same_weights(expected, module, prefix="model.")
+    assert module.teacher is not None and not module.teacher.training
+
+
+def test_freezing_under_ddp_needs_find_unused_parameters() -> None:
+    from types import SimpleNamespace
+
+    curriculum = build(two_stage(1, OUR_NAMES))
+    trainer = SimpleNamespace(
+        max_steps=curriculum.total_steps, callbacks=[], accumulate_grad_batches=1, world_size=2,
+        strategy=SimpleNamespace(_ddp_kwargs={}),
+        _accelerator_connector=SimpleNamespace(use_distributed_sampler=False),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stages\[1\].freeze.*ddp_find_unused_parameters_true"):
+        CurriculumCallback(curriculum).on_fit_start(trainer, None)  # type: ignore[arg-type]
+    trainer.strategy._ddp_kwargs = {"find_unused_parameters": True}
+    CurriculumCallback(curriculum).on_fit_start(trainer, None)  # type: ignore[arg-type]
+    trainer._accelerator_connector.use_distributed_sampler = True
+    with pytest.raises(ConfigError, match="use_distributed_sampler=False"):
+        CurriculumCallback(curriculum).on_fit_start(trainer, None)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("handoff", "own_optimizer"),
     [("reset", False), ("reset", True), ("rewarm", False)],
@@ -202,3 +243,25 @@ def test_refusals(tmp_path: Path) -> None:
         run(build(config), tmp_path)
     with pytest.raises(ConfigError, match="cannot make 16 micro-batches"):
         run(curriculum, tmp_path, 16)  # 8 samples cannot make 16 micro-batches
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_our_loop(tmp_path: Path) -> None:
+    """Under torchrun (2 gloo processes, DDP) with accumulate_grad_batches=2 and a stage
+    that freezes: each rank fetches the same micro-batches as in our loop, and the weights
+    are the same."""
+    import json
+
+    from helpers_frameworks import run_ddp
+
+    run_ddp("fit-ours", tmp_path)
+    run_ddp("lightning", tmp_path)
+    for rank in range(2):
+        ours = json.loads((tmp_path / f"fit-ours-rank{rank}.json").read_text())
+        assert json.loads((tmp_path / f"lightning-rank{rank}.json").read_text()) == ours
+        assert len(ours) == 12 * 2 and all(len(indices) == 2 for _, indices in ours)
+    expected = torch.load(tmp_path / "fit-ours.pt", weights_only=True)
+    got = torch.load(tmp_path / "lightning.pt", weights_only=True)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name

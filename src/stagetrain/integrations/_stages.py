@@ -27,6 +27,7 @@ that read it).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,6 +136,15 @@ def check_framework_run(
             does not divide over the ranks or into ``grad_accum`` micro-batches, or a
             stage declaring another ``grad_accum``.
     """
+    evals = [ev.name for stage in curriculum.stages for ev in curriculum.evals_for(stage)]
+    if evals:
+        warnings.warn(
+            f"evals: {framework} does not run the curriculum's evaluation sets "
+            f"({', '.join(sorted(set(evals)))}); evaluate with the framework's own (the "
+            "Trainer's eval_dataset, a LightningModule's validation_step)",
+            UserWarning,
+            stacklevel=3,
+        )
     for stage in curriculum.stages:
         field = f"stages[{stage.index}]"
         if stage.config.advance is not None:

@@ -85,7 +85,7 @@ LR_ARGUMENTS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "wa
                 "warmup_ratio")  # fmt: skip
 OPTIMIZER_ARGUMENTS = ("optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
                        "adam_epsilon", "max_grad_norm")  # fmt: skip
-OTHER_ARGUMENTS = ("dataloader_num_workers",)
+OTHER_ARGUMENTS = ("dataloader_num_workers", "group_by_length", "label_smoothing_factor")
 
 
 def to_trainer_batch(batch: Batch, main_input: str = "input_ids") -> dict[str, Any]:
@@ -257,6 +257,14 @@ class CurriculumTrainer(Trainer):
             curriculum, grad_accum=ga, world_size=world, framework="the Trainer",
             argument="the Trainer's gradient_accumulation_steps",
         )  # fmt: skip
+        freezes = [s for s in curriculum.stages if s.config.freeze]
+        if world > 1 and freezes and args.ddp_find_unused_parameters is False:
+            # DDP expects a gradient for every parameter that was trainable when it wrapped
+            # the model; a stage that freezes some later needs it to look for unused ones.
+            raise ConfigError(
+                f"stages[{freezes[0].index}].freeze: under DDP, freezing parameters during the "
+                "run needs ddp_find_unused_parameters=True (or unset)"
+            )
         per_step = args.train_batch_size * world * ga
         stages = curriculum.stages
         if all(s.batch_size != per_step for s in stages):
@@ -288,10 +296,10 @@ class CurriculumTrainer(Trainer):
             probe = stage_optimizer(curriculum, model)
         if ignored:
             warnings.warn(
-                f"TrainingArguments {', '.join(ignored)} do not apply: each step's optimizer, "
-                "learning rate and clipping come from the curriculum (stages[0].optimizer and "
-                "each stage's), and its data loader runs in the main process; "
-                "curriculum_optimizer=False keeps the Trainer's optimizer and clipping",
+                f"TrainingArguments {', '.join(ignored)} do not apply: each step's data, loss, "
+                "learning rate, optimizer and clipping come from the curriculum "
+                "(stages[0].optimizer and each stage's; its data loader runs in the main "
+                "process); curriculum_optimizer=False keeps the Trainer's optimizer and clipping",
                 UserWarning,
                 stacklevel=3,
             )

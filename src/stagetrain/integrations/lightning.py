@@ -87,6 +87,8 @@ class CurriculumModule(L.LightningModule):
         teacher: the frozen teacher of ``kl_distill`` terms (default: the curriculum's).
     """
 
+    teacher: torch.nn.Module | None
+
     def __init__(
         self, model: torch.nn.Module, curriculum: Curriculum, teacher: torch.nn.Module | None = None
     ) -> None:
@@ -96,7 +98,15 @@ class CurriculumModule(L.LightningModule):
         teacher = teacher if teacher is not None else curriculum.build_teacher()
         if teacher is None and _stages.needs_teacher(curriculum):
             raise ConfigError("teacher: a stage's loss needs the teacher's output; pass teacher=")
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        # Not a submodule: checkpoints hold the student only, and Lightning's train() does
+        # not switch the teacher's dropout on.
+        object.__setattr__(self, "teacher", teacher)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = stage_loss(self.curriculum, self.global_step, self.model, batch, self.teacher)
@@ -200,6 +210,15 @@ class CurriculumCallback(L.Callback):
             raise ConfigError(
                 "use_distributed_sampler: the curriculum's sampler shards by rank itself; pass "
                 "L.Trainer(use_distributed_sampler=False)"
+            )
+        freezes = [s for s in curriculum.stages if s.config.freeze]
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None) or {}
+        if trainer.world_size > 1 and freezes and not ddp_kwargs.get("find_unused_parameters"):
+            # DDP expects a gradient for every parameter that was trainable when it wrapped
+            # the model; a stage that freezes some later needs it to look for unused ones.
+            raise ConfigError(
+                f"stages[{freezes[0].index}].freeze: under DDP, freezing parameters during the "
+                "run needs L.Trainer(strategy='ddp_find_unused_parameters_true')"
             )
         _stages.check_framework_run(
             curriculum, grad_accum=trainer.accumulate_grad_batches, world_size=trainer.world_size,
