@@ -215,6 +215,9 @@ class CurriculumTrainer(Trainer):
         self.curriculum_callback = CurriculumCallback(curriculum)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.curriculum_callback]
         super().__init__(*args, **kwargs)
+        # Our compute_loss does not hand num_items_in_batch to the model: say so, so that
+        # Trainer releases without loss_is_scaled_for_ga also divide by the micro-batches.
+        self.model_accepts_loss_kwargs = False
         self._check_arguments()
         if teacher is None:
             teacher = curriculum.build_teacher()
@@ -363,7 +366,10 @@ class CurriculumTrainer(Trainer):
         logs["stage_index"] = stage.index
         if "learning_rate" in logs:
             logs["learning_rate"] = lr_at(self.curriculum, step)
-        super().log(logs, start_time)
+        if start_time is None:
+            super().log(logs)  # Trainer releases before start_time existed
+        else:
+            super().log(logs, start_time)
         if self.state.log_history:
             # The name only in the stored history: reporting integrations take numbers.
             self.state.log_history[-1]["stage"] = stage.name  # type: ignore[assignment]
