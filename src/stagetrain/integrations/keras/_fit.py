@@ -24,12 +24,13 @@ import keras
 
 from stagetrain.config import CurriculumConfig, load_config
 from stagetrain.curriculum import Curriculum
-from stagetrain.errors import ConfigError
+from stagetrain.errors import CheckpointError, ConfigError
 from stagetrain.evaluation import build_eval
 from stagetrain.integrations.keras._losses import stage_losses
 from stagetrain.integrations.keras._optim import check_keras_optimizer
 from stagetrain.integrations.keras._run import _Run
 from stagetrain.logs import METRICS_FILE, read_records
+from stagetrain.rundir import RunDirLock
 from stagetrain.state import TrainState
 from stagetrain.train.resume import OnChange
 
@@ -133,13 +134,17 @@ def fit_keras(
         progress=progress,
         jit_compile=jit_compile,
     )
-    try:
-        fresh = run.start(
-            resume=resume, overwrite=overwrite, on_change=on_change, tensorboard=tensorboard
-        )
-        status = run.run() if fresh else "completed"
-    finally:
-        run.close()
+    if resume and not Path(run_dir).is_dir():  # checked before the lock creates it
+        raise CheckpointError(f"{run_dir}: no such run directory to resume")
+    # One process per run directory, as with fit: the lock is held for the whole run.
+    with RunDirLock(Path(run_dir)):
+        try:
+            fresh = run.start(
+                resume=resume, overwrite=overwrite, on_change=on_change, tensorboard=tensorboard
+            )
+            status = run.run() if fresh else "completed"
+        finally:
+            run.close()
     records = read_records(Path(run_dir) / METRICS_FILE)
     return KerasFitResult(run.state, run.last_metrics, Path(run_dir), timeline(records), status)
 
