@@ -74,6 +74,7 @@ class StageSampler:
         self.stage_index = stage_index
         self.apportionment = Apportionment(weights, batch_size, steps)
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._recent: dict[int, np.ndarray] = {}
 
     @property
     def counts(self) -> np.ndarray:
@@ -137,8 +138,10 @@ class StageSampler:
         """All ``batch_size`` indices of stage-local step ``step``, in a shuffled order."""
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside the stage's {self.steps} steps")
-        cursor = self.apportionment.cumulative(step)
-        counts = self.apportionment.cumulative(step + 1) - cursor
+        if len(self.sizes) == 1:  # one source: its stream advances by a batch a step
+            return self._stream(0, step * self.batch_size, self.batch_size)
+        cursor = self._cumulative(step)
+        counts = self._cumulative(step + 1) - cursor
         parts = [
             self._stream(k, int(cursor[k]), int(counts[k])) + self.offsets[k]
             for k in range(len(self.sizes))
@@ -150,6 +153,17 @@ class StageSampler:
         # Interleave sources so that every rank's slice sees the mixture, not one source.
         rng = np.random.default_rng([self.seed, self.stage_index, step, 0x5EED])
         return batch[rng.permutation(len(batch))]
+
+    def _cumulative(self, step: int) -> np.ndarray:
+        """``Apportionment.cumulative``, remembering the last two answers: consecutive steps
+        ask for ``step + 1`` and then for it again as the next step's start."""
+        hit = self._recent.get(step)
+        if hit is None:
+            hit = self.apportionment.cumulative(step)
+            if len(self._recent) >= 2:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[step] = hit
+        return hit
 
     def rank_batch(self, step: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """This rank's contiguous share of the global batch of ``step``."""
