@@ -40,7 +40,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from recipes import EXAMPLES, ROOT, write_result
 
-from stagetrain.elastic.extract import extract_run
+from stagetrain.elastic.export import extract_run
 from stagetrain.logs import read_records
 
 STAGETRAIN = [sys.executable, "-m", "stagetrain.cli"]
@@ -137,7 +137,8 @@ def measure_seed(
     print(f"== seed {seed}: zero-shot extraction", flush=True)
     extracted = {}
     for b in budgets[1:]:
-        report = extract_run(root / "weighted", b, root / f"extracted-{b}")
+        # Measured, not enforced: the table reports how far the router's own choice is.
+        report = extract_run(root / "weighted", b, root / f"extracted-{b}", allow_off_target=True)
         extracted[b] = report
         print("\n".join("  " + line for line in report.lines()), flush=True)
 
@@ -147,7 +148,7 @@ def measure_seed(
     # tokens (2x), in case 1x does not reach the nested loss.
     separate_runs = {}
     for b in budgets[1:]:
-        sizes = extracted[b].sizes
+        layout = extracted[b].layout
         for length, suffix in ((1.0, "-1x"), (2.0, "")):
             cfg = yaml.safe_load(yaml.safe_dump(nested))
             cfg["name"] = f"elastic-separate-{b}"
@@ -156,8 +157,8 @@ def measure_seed(
                 "args": {
                     "teacher": nested["model"]["args"]["teacher"],
                     "weights": str(teacher_dir),
-                    "sizes": {"width": sizes["width"], "heads": sizes["heads"],
-                              "ffn": sizes["ffn"], "depth": sizes["layers"]},
+                    "sizes": {"width": layout["width"], "heads": layout["heads"][0],
+                              "ffn": layout["ffn"][0], "depth": len(layout["layers"])},
                 },
             }  # fmt: skip
             cfg["evals"] = [{"name": "val", "max_samples": 128, "metrics": ["loss"],
@@ -278,11 +279,11 @@ def main() -> None:
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for result in results:
         for b, report in result["extracted"].items():
-            z = report.sizes
+            z, status = report.layout, report.status
             lines.append(
-                f"| {result['seed']} | {b} | {z['width']}, {z['heads']}, {z['ffn']}, {z['layers']} | "
-                f"{report.params:,} | {report.fraction:.3f} | {report.target:.3f} | "
-                f"{report.fraction / report.target - 1:+.1%} | {report.max_abs_diff:.1e} |"
+                f"| {result['seed']} | {b} | {z['width']}, {z['heads'][0]}, {z['ffn'][0]}, "
+                f"{len(z['layers'])} | {report.child_params:,} | {status.fraction:.3f} | "
+                f"{status.target:.3f} | {status.off_target:+.1%} | {report.max_abs_diff:.1e} |"
             )
     lines += ["", f"Separate distillation: each of mid and small pruned from the teacher by the same ranking to the sizes that seed's router chose, then distilled alone on the nested run's schedule (1x: the same tokens, contexts and LR per stage) and on that schedule stretched to twice the tokens (2x). Tokens until its validation loss reaches the nested model's loss for that budget (evaluated every {int(65536 * factor):,} tokens):", "",
               "| seed | budget | nested loss | separate loss at 1x | tokens to reach, 1x schedule | tokens to reach, 2x schedule |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -312,8 +313,9 @@ def main() -> None:
         "teacher_val_loss": teacher_loss, "seeds": seeds,
         "per_seed": [
             {"seed": r["seed"], "table": r["table"], "nested_tokens": r["nested_tokens"],
-             "extracted": {b: {"sizes": e.sizes, "params": e.params, "fraction": e.fraction,
-                               "target": e.target, "max_abs_diff": e.max_abs_diff}
+             "extracted": {b: {"layout": e.layout, "params": e.child_params,
+                               "fraction": e.status.fraction, "target": e.status.target,
+                               "max_abs_diff": e.max_abs_diff}
                            for b, e in r["extracted"].items()},
              "separate": r["separate"], "ratio": r["ratio"]}
             for r in results

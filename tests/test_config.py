@@ -226,3 +226,23 @@ def test_corrupted_checkpoint_file(tmp_path: Path) -> None:
     path.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(CheckpointError, match="corrupted or not a checkpoint"):
         load_checkpoint(path)
+
+
+def test_binary_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(b"\x80\x04\x95PK\x03\x04\xff\xfe" + bytes(range(256)))
+    with pytest.raises(
+        ConfigError, match=r"weights\.yaml: not a text file \(not valid UTF-8 at byte 0\)"
+    ):
+        load_config(path)
+
+
+def test_unreadable_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found|cannot read"):
+        load_config(tmp_path)  # a directory
+
+
+def test_huge_duration_in_a_config_is_a_field_error(tiny_config: dict[str, Any]) -> None:
+    tiny_config["stages"][0]["duration"] = "1e400ba"
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.duration: .*at most 1e\+12 steps"):
+        parse_config(tiny_config)

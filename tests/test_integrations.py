@@ -73,8 +73,8 @@ def hf_trainer(curriculum: Curriculum, output_dir: Path) -> Any:
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     model = transformers.GPT2LMHeadModel(config)
     args = transformers.TrainingArguments(
-        output_dir=str(output_dir), learning_rate=1e-3, save_strategy="steps", save_steps=10,
-        logging_steps=5, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, weight_decay=0.0,
+        output_dir=str(output_dir), save_strategy="steps", save_steps=10,
+        logging_steps=5, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
     )  # fmt: skip
     return CurriculumTrainer(model=model, args=args, curriculum=curriculum)
 

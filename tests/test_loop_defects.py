@@ -170,7 +170,7 @@ def test_evaluation_that_cannot_run_fails_before_step_0(tmp_path: Path) -> None:
 def test_fresh_run_into_a_used_directory_is_refused(tmp_path: Path) -> None:
     config = tiny_config_dict()
     run(config, tmp_path / "r")
-    with pytest.raises(StageTrainError, match="already holds a run"):
+    with pytest.raises(StageTrainError, match=r"not empty \(holds"):
         run(config, tmp_path / "r")
     assert (tmp_path / "r" / "summary.json").exists()  # the first run's results are kept
     assert [r for r in records(tmp_path / "r") if r["type"] == "train"]
@@ -393,4 +393,4 @@ def test_cli_refuses_a_used_run_directory_in_one_line(tmp_path: Path) -> None:
     assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2
-    assert second.stderr.strip().count("\n") == 0 and "already holds a run" in second.stderr
+    assert second.stderr.strip().count("\n") == 0 and "not empty (holds" in second.stderr

@@ -20,12 +20,12 @@ from conftest import tiny_config_dict
 from helpers_for_tests import StopAt
 
 from stagetrain import Curriculum, OptimizerConfig, TrainState, fit, parse_config
-from stagetrain.checkpoint import rng_state
 from stagetrain.errors import ConfigError, StageTrainError, TrainingError
 from stagetrain.handoff import enter_stage, trainable_flags
 from stagetrain.logs import read_records
 from stagetrain.lr_search import LocalBackend, SearchData, search_lr
 from stagetrain.plan import make_plan
+from stagetrain.rng import rng_state
 from stagetrain.train import lr_auto
 
 TESTS = Path(__file__).parent

@@ -66,3 +66,32 @@ def test_token_ids_past_the_vocabulary_are_refused_before_step_0(tmp_path: Path)
     with pytest.raises(DataError, match=r"stages\[1\]\.data\.sources\[0\]: .*bad\.bin.*vocabulary"):
         fit(curriculum.build_model(), curriculum, run_dir=tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_train_records_count_each_sources_tokens(tmp_path: Path) -> None:
+    from stagetrain.logs import read_records
+
+    config = two_stages(tmp_path)
+    sources = config["stages"][1]["data"]["sources"]
+    sources[0]["weight"] = 0.7
+    sources.append({"builtin": "tokens", "name": "replayed", "weight": 0.3,
+                    "args": {"files": token_file(tmp_path / "u.bin"), "dtype": "uint16"}})  # fmt: skip
+    config["stages"][1]["duration"] = "40ba"
+    config["log_every"] = 10
+    curriculum = Curriculum(parse_config(config), progress=False)
+    fit(curriculum.build_model(), curriculum, run_dir=tmp_path / "r", progress=False)
+    last = [r for r in read_records(tmp_path / "r" / "metrics.jsonl") if r["type"] == "train"][-1]
+    more, replayed = last["source_tokens/more"], last["source_tokens/replayed"]
+    assert more + replayed == 40 * 4 * 32  # every token of the stage, by source
+    assert more / (more + replayed) == pytest.approx(0.7, abs=0.01)
+
+
+def test_plan_counts_passes_over_a_token_file_in_tokens(tmp_path: Path) -> None:
+    from stagetrain import make_plan
+
+    config = two_stages(tmp_path)
+    config["stages"][1]["duration"] = "10ba"
+    plan = make_plan(Curriculum(parse_config(config), progress=False))
+    (_, share, passes) = plan.stages[1].sources[0]
+    # 10 steps x 4 windows x 32 tokens over a 4,000-token file, whatever the stride
+    assert passes == pytest.approx(10 * 4 * 32 / 4000, rel=0.02) and share == 1.0

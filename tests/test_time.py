@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from stagetrain import ConfigError, Duration, TimeContext, TimeUnit
@@ -67,3 +69,50 @@ def test_bad_durations(text: object, message: str) -> None:
 def test_fraction_without_enclosing_span_is_an_error() -> None:
     with pytest.raises(ConfigError, match="total"):
         TimeContext(batch_size=4).to_steps(Duration.parse("0.5dur"))
+
+
+# --- bounds: a duration is a finite, sane amount of training ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1e400ba", "at most 1e+12 steps"),  # float('inf') once parsed
+        ("1e13ba", "at most 1e+12 steps"),
+        ("1e16sp", "at most 1e+15 samples"),
+        ("1e19tok", "at most 1e+18 tokens"),
+        ("1e10ep", "at most 1e+09 epochs"),
+        ("1e999999dur", "in (0, 1]"),
+    ],
+)
+def test_durations_are_bounded(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.duration: .*" + re.escape(message)):
+        Duration.parse(text, field="stages[0].duration")
+
+
+def test_the_bounds_themselves_parse() -> None:
+    assert Duration.parse("1e12ba").value == 1e12
+    assert Duration.parse("1e15sp").value == 1e15
+
+
+@pytest.mark.parametrize(
+    ("ctx", "duration"),
+    [
+        (TimeContext(batch_size=1), "1e15sp"),  # 1e15 steps of one sample
+        (TimeContext(batch_size=1, tokens_per_sample=1), "1e18tok"),
+        (TimeContext(batch_size=1, epoch_samples=10**6), "1e9ep"),
+    ],
+)
+def test_converted_steps_are_bounded(ctx: TimeContext, duration: str) -> None:
+    with pytest.raises(
+        ConfigError, match=r"stages\[1\]\.duration: .* is 1e\+1[0-9] steps; at most 1e\+12"
+    ):
+        ctx.to_steps(Duration.parse(duration), field="stages[1].duration")
+
+
+def test_converted_samples_are_bounded() -> None:
+    # 1e12 steps is allowed, but not 1e12 steps of 4096 samples each.
+    with pytest.raises(
+        ConfigError, match=r"duration: 1000000000000ba is 4\.1e\+15 samples .* at most 1e\+15"
+    ):
+        TimeContext(batch_size=4096).to_steps(Duration.parse("1e12ba"))

@@ -19,16 +19,19 @@ from stagetrain.config import (
     load_config,
     parse_config,
 )
-from stagetrain.curriculum import Curriculum, Stage, StepInfo
+from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.data import TensorPairDataset
 from stagetrain.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    EnvError,
+    RunDirError,
     StageTrainError,
     TrainingError,
 )
 from stagetrain.handoff import apply_freeze, apply_handoff, enter_stage
+from stagetrain.ownloop import StepInfo
 from stagetrain.plan import Plan, make_plan
 from stagetrain.state import TrainState
 from stagetrain.time import Duration, TimeContext, TimeUnit
@@ -47,6 +50,7 @@ __all__ = [
     "DataError",
     "Duration",
     "Engine",
+    "EnvError",
     "EvalConfig",
     "FitResult",
     "LossTerm",
@@ -54,6 +58,7 @@ __all__ = [
     "OptimizerConfig",
     "Plan",
     "RunContext",
+    "RunDirError",
     "SourceConfig",
     "Stage",
     "StageConfig",

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from stagetrain.config import AdvanceConfig
+from stagetrain.errors import TrainingError
 from stagetrain.state import TrainState
 
 
@@ -59,3 +60,36 @@ def check_advance(
         f"for {state.plateau_waits} evaluations"
     )
     return AdvanceDecision(ready, "plateau", detail if ready else "")
+
+
+def rule_value(rule: AdvanceConfig, metrics: dict[str, float], *, stage_index: int) -> float:
+    """The value an advance rule judges, from an evaluation's metrics (may be non-finite).
+
+    Raises:
+        TrainingError: when the evaluation did not produce the rule's metric.
+    """
+    key = rule.metric.partition(".")[2]
+    if key not in metrics:
+        raise TrainingError(
+            f"stages[{stage_index}].advance.metric: the evaluation produced no {key!r}; "
+            f"it produced {sorted(metrics)}"
+        )
+    return metrics[key]
+
+
+def nonfinite_metric(rule: AdvanceConfig, value: float, step: int, stage: str) -> str:
+    """Why an advance rule does not act on ``value`` (NaN or infinite), in words."""
+    return f"{rule.metric} is {value} at step {step} in stage {stage!r}"
+
+
+NONFINITE_ADVICE = (
+    ": the model diverged or the metric failed; an advance rule never acts on a non-finite value"
+)
+
+
+def stage_end_message(name: str, step: int, decision: AdvanceDecision, planned: int) -> str:
+    """The line printed when a stage ends (by its duration or by its advance rule)."""
+    message = f"stage {name!r} ended at step {step:,}: {decision.detail}"
+    if decision.advance:
+        message += f" ({decision.reason}; planned up to {planned:,} stage steps)"
+    return message

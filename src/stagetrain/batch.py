@@ -129,6 +129,13 @@ def batch_size(batch: Batch) -> int:
 
 def to_device(batch: Batch, device: torch.device, *, non_blocking: bool = False) -> Batch:
     """``batch`` with every tensor on ``device``."""
+    kind = type(batch)
+    # Flat pairs and dicts of tensors (the common batches) without the general walk: this
+    # runs every step, and a small model's step is a fraction of a millisecond.
+    if kind is tuple and all(type(t) is torch.Tensor for t in batch):
+        return tuple(t.to(device, non_blocking=non_blocking) for t in batch)
+    if kind is dict and all(type(t) is torch.Tensor for t in batch.values()):
+        return {k: t.to(device, non_blocking=non_blocking) for k, t in batch.items()}
     return tree_map(lambda t: t.to(device, non_blocking=non_blocking), batch)
 
 
@@ -185,7 +192,10 @@ def concat(batches: Sequence[Batch]) -> Batch:
 
 def sequence_length(batch: Batch) -> int | None:
     """The batch's sequence length: dim 1 of its first integer tensor of >= 2 dims."""
-    for tensor in leaves(batch):
+    flat = type(batch) is tuple and all(type(t) is torch.Tensor for t in batch)
+    # A flat pair (the common case, checked every step) is read without a tree walk.
+    tensors: Sequence[torch.Tensor] = batch if flat else leaves(batch)
+    for tensor in tensors:
         if tensor.dim() >= 2 and not torch.is_floating_point(tensor):
             return int(tensor.shape[1])
     return None
@@ -203,8 +213,10 @@ def fit_length(
             ``pad_id``); the defaults when not given.
         pad: pad shorter sequences up to ``length`` (else only cut longer ones).
     """
+    if length is None:
+        return batch
     current = sequence_length(batch)
-    if length is None or current is None or (current <= length and not pad) or current == length:
+    if current is None or (current <= length and not pad) or current == length:
         return batch
     fmt = fmt or BatchFormat()
     labels = fmt.label_paths(batch)

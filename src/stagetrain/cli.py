@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,17 +24,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from stagetrain import fit
     from stagetrain.config import load_config
     from stagetrain.curriculum import Curriculum
+    from stagetrain.env import read_launch_env
 
+    env = read_launch_env()  # a malformed launcher variable is one line, before any work
     config = load_config(args.config)
     if args.seed is not None:
         config = config.model_copy(update={"seed": args.seed})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.run_dir is None:
+    if env.distributed and args.run_dir is None:
         raise ConfigError("--run-dir: required when several processes share one run")
-    resume = args.resume
     # Under torchrun --max-restarts, a restarted job continues from its last checkpoint.
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if (args.auto_resume or restarted) and args.run_dir is not None:
-        resume = resume or (args.run_dir / "checkpoints" / "manifest.json").exists()
+    auto_resume = args.auto_resume or env.restarted
     curriculum = Curriculum(config)
     model = curriculum.build_model()
     result = fit(
@@ -43,13 +41,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         curriculum,
         teacher=curriculum.build_teacher(),
         run_dir=args.run_dir,
-        resume=resume,
+        resume=args.resume,
+        auto_resume=auto_resume and not args.resume,
+        overwrite=args.overwrite,
         on_change=args.on_change,
         device=args.device,
         progress=not args.no_progress,
         engine=args.engine,
+        handle_signals=True,
     )
-    if result.state.step and int(os.environ.get("RANK", "0")) != 0:
+    if result.stopped_by is not None:
+        if env.is_main:
+            print(
+                f"stagetrain: {result.stopped_by.message(step=result.state.step)}", file=sys.stderr
+            )
+        return result.stopped_by.exit_code
+    if not env.is_main:
         return 0  # only rank 0 reports
     for name, metrics in result.metrics.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -119,24 +126,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# A router that has converged lands a budget within this of its parameter target.
-OFF_TARGET_WARNING = 0.05
-
-
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from stagetrain.elastic.extract import extract_run
+    from stagetrain.elastic.export import extract_run
 
-    report = extract_run(args.run_dir, args.budget, args.out, check_batches=args.check_batches)
+    report = extract_run(
+        args.run_dir,
+        args.budget,
+        args.out,
+        format=args.format,
+        tolerance=args.tolerance,
+        allow_off_target=args.allow_off_target,
+        project=args.project,
+        check_batches=args.check_batches,
+    )
     for line in report.lines():
         print(line)
-    if abs(report.off_target) > OFF_TARGET_WARNING:
-        print(
-            f"stagetrain: warning: {args.budget!r} is {report.off_target:+.1%} off its parameter "
-            f"target (more than {OFF_TARGET_WARNING:.0%}): train the router longer or give its "
-            "loss more weight",
-            file=sys.stderr,
-        )
-    if report.max_abs_diff >= 1e-4:
+    for warning in report.warnings:
+        print(f"stagetrain: warning: {warning}", file=sys.stderr)
+    if max(report.max_abs_diff, report.reloaded_diff) >= 1e-4:
         print("stagetrain: error: the extracted model does not match the parent", file=sys.stderr)
         return 1
     return 0
@@ -279,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume when --run-dir holds a checkpoint, else start "
         "(implied after a torchrun restart)",
     )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a used --run-dir, moving its files into .replaced-<time>/",
+    )
     run.add_argument("--seed", type=int, default=None, help="override the config's seed")
     run.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -344,8 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ext.add_argument("run_dir", type=Path, help="the elastic run's directory")
     ext.add_argument("--budget", required=True, help="budget name, e.g. small")
+    ext.add_argument("--out", type=Path, required=True, help="output directory")
     ext.add_argument(
-        "--out", type=Path, required=True, help="directory for model.safetensors + model.json"
+        "--format",
+        choices=["stagetrain", "hf"],
+        default="stagetrain",
+        help="stagetrain: model.safetensors + model.json (any configuration); hf: a "
+        "directory AutoModelForCausalLM.from_pretrained loads, with the run's tokenizer "
+        "(default: %(default)s)",
+    )
+    ext.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="refuse a budget whose parameters miss its target by more (default: %(default)s)",
+    )
+    ext.add_argument(
+        "--allow-off-target",
+        action="store_true",
+        help="write a budget beyond the tolerance anyway, with a warning",
+    )
+    ext.add_argument(
+        "--project",
+        action="store_true",
+        help="first pin every budget to the nearest configuration within the tolerance",
     )
     ext.add_argument(
         "--check-batches",

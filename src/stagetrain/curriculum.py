@@ -9,11 +9,9 @@ in the counters of :class:`~stagetrain.state.TrainState`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,8 @@ import numpy as np
 import torch
 
 from stagetrain import lr_search
-from stagetrain.advance import check_advance
-from stagetrain.batch import Batch, BatchFormat, fit_length
+from stagetrain.apportion import constant_value
+from stagetrain.batch import BatchFormat
 from stagetrain.config import (
     CurriculumConfig,
     EvalConfig,
@@ -37,268 +35,20 @@ from stagetrain.data import (
     SourceBuilder,
     fetch,
     mixture_tokens_per_sample,
+    tokens_per_sample,
 )
 from stagetrain.difficulty import DifficultyScorer, ScoreCache, select_indices
-from stagetrain.errors import ConfigError, StageTrainError
-from stagetrain.handoff import enter_stage, trainable_flags
+from stagetrain.errors import ConfigError
 from stagetrain.losses import StageLoss
 from stagetrain.modelio import ModelIO
-from stagetrain.optim import apply_lr
-from stagetrain.pacing import PacedSampler, ordering, pacing_function
+from stagetrain.ownloop import StepIterator
+from stagetrain.pacing import ordering, pacing_function
 from stagetrain.registry import build_model, import_path
-from stagetrain.sampler import StageSampler
 from stagetrain.schedules import Schedule, constant, join, linear
 from stagetrain.sources.mixture import mean_tokens_per_sample, token_weight_schedules
+from stagetrain.stage import SourceShare, Stage
 from stagetrain.state import TrainState
 from stagetrain.time import Duration, TimeContext, TimeUnit
-
-
-@dataclass
-class SourceShare:
-    """A source of a stage and its share of the stage's samples (for the plan and logs)."""
-
-    label: str
-    size: int
-    share: float
-    replay: bool = False
-
-
-@dataclass
-class Stage:
-    """One stage, built: data, sampler, loss, learning rate and length in steps."""
-
-    index: int
-    config: StageConfig
-    steps: int
-    context: TimeContext
-    data: ConcatSources
-    weights: list[Schedule]
-    sources: list[SourceShare]
-    loss: StageLoss
-    io: ModelIO
-    """How this stage's batches reach the model and its outputs reach the loss."""
-    warmup_steps: int
-    lr_shape: Schedule
-    """The LR over stage-local steps as a factor of the configured ``lr`` (warmup x schedule)."""
-    seed: int
-    planned_start: int = 0
-    """Global step at which the stage starts when every earlier stage runs its full length."""
-    global_lr: Schedule | None = None
-    """The curriculum-wide LR (absolute, of the global step) when ``global_lr`` is set."""
-    paced: tuple[np.ndarray, Schedule, np.ndarray | None] | None = None
-    """(visibility order, pacing function, class labels) when the stage uses pacing."""
-    auto_lr: float | None = None
-    """The searched peak LR of an ``lr: auto`` stage, once its search ran (set by
-    :mod:`stagetrain.lr_search`'s drivers; :func:`stagetrain.fit` sets it at the stage's
-    start or from the checkpoint)."""
-    _sampler: StageSampler | PacedSampler | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def batch_size(self) -> int:
-        assert self.config.batch_size is not None
-        return self.config.batch_size
-
-    @property
-    def fmt(self) -> BatchFormat:
-        return self.io.fmt
-
-    @property
-    def lr_peak(self) -> float:
-        """The stage's configured learning rate (before warmup and schedule); for
-        ``lr: auto`` the searched one (an error before the search ran)."""
-        assert self.config.optimizer is not None
-        lr = self.config.optimizer.lr
-        if lr != "auto":
-            return lr
-        if self.auto_lr is None:
-            raise StageTrainError(
-                f"stages[{self.index}].optimizer.lr: 'auto' is searched at the stage's start "
-                "by stagetrain.fit; in another driver run stagetrain.lr_search.search_lr and "
-                "set the stage's auto_lr first"
-            )
-        return self.auto_lr
-
-    @property
-    def sampler(self) -> StageSampler | PacedSampler:
-        """Built on first use: apportioning a long mixture takes a moment."""
-        if self._sampler is None and self.paced is not None:
-            order, pacing, labels = self.paced
-            self._sampler = PacedSampler(
-                order, pacing, self.batch_size, self.steps, self.seed, self.index, labels
-            )
-        if self._sampler is None:
-            self._sampler = StageSampler(
-                self.data.sizes, self.weights, self.batch_size, self.steps, self.seed, self.index
-            )
-        return self._sampler
-
-    def lr(self, stage_step: int, step: int | None = None) -> float:
-        """Learning rate at ``stage_step``: ``lr * warmup * schedule`` of the stage.
-
-        With a curriculum-wide ``global_lr`` it is that schedule at the global ``step``
-        (by default the planned global step of ``stage_step``).
-        """
-        if self.global_lr is not None:
-            return self.global_lr(self.planned_start + stage_step if step is None else step)
-        return self.lr_peak * self.lr_shape(stage_step)
-
-    def indices(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Any:
-        """Sample indices (into :attr:`data`) of this rank's share of ``stage_step``."""
-        return self.sampler.rank_batch(stage_step, rank, world_size)
-
-    def fetch(self, indices: np.ndarray) -> Batch:
-        """The batch of ``indices`` (into :attr:`data`), cut to the stage's ``seq_len``."""
-        return fit_length(
-            self.data.get_batch(indices), self.config.seq_len, fmt=self.fmt, pad=False
-        )
-
-    def batch(self, stage_step: int, rank: int = 0, world_size: int = 1) -> Batch:
-        """This rank's batch for ``stage_step`` (any structure; see :mod:`stagetrain.data`)."""
-        return self.fetch(self.indices(stage_step, rank, world_size))
-
-    def check_sources_fit(self) -> None:
-        """Fetch one sample of every source as one batch: sources whose items cannot share a
-        batch fail here, naming the stage, not at the stage boundary hours later."""
-        if len(self.data.datasets) < 2:
-            return
-        try:
-            self.fetch(self.data.offsets.copy())
-        except StageTrainError as exc:
-            raise type(exc)(f"stages[{self.index}].data: {exc}") from None
-
-
-@dataclass
-class StepInfo:
-    """One step of a curriculum, as seen from a user's own loop (see :meth:`Curriculum.steps`).
-
-    The stage hooks make an own loop behave like :func:`stagetrain.fit`:
-    :meth:`enter_stage` applies the stage's hand-off and freezing at its first step,
-    :meth:`set_lr` its learning rate, :meth:`loss` its loss terms, and :meth:`report`
-    feeds evaluation results to its advance rule (the iterator then moves on).
-    """
-
-    run: StepIterator
-    stage: Stage
-    step: int
-    """Global step (completed steps before this one)."""
-    stage_step: int
-
-    @property
-    def curriculum(self) -> Curriculum:
-        return self.run.curriculum
-
-    @property
-    def is_stage_start(self) -> bool:
-        return self.stage_step == 0
-
-    @property
-    def lr(self) -> float:
-        return self.stage.lr(self.stage_step, self.step)
-
-    def batch(self) -> Batch:
-        """This step's deterministic batch (this rank's share)."""
-        return self.stage.batch(self.stage_step, self.run.rank, self.run.world_size)
-
-    def enter_stage(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-    ) -> torch.optim.Optimizer:
-        """At a stage's first step: apply its hand-off and freezing; returns the optimizer to
-        use from now on (a new one for the first stage and after ``reset``)."""
-        if self.run.trainable is None:
-            self.run.trainable = trainable_flags(model)
-        return enter_stage(
-            self.stage.config, self.stage.index, model, optimizer, self.run.trainable
-        )
-
-    def loss(
-        self,
-        output: Any,
-        target: torch.Tensor | None = None,
-        model: torch.nn.Module | None = None,
-    ) -> torch.Tensor:
-        """The stage's weighted loss on a model ``output`` against ``target`` (``model``: for
-        terms that read it, such as a router cost). For dict batches or causal-LM labels use
-        :meth:`compute_loss`."""
-        return self.stage.loss(output, target, model=model)[0]
-
-    def compute_loss(
-        self, model: torch.nn.Module, batch: Batch, teacher: torch.nn.Module | None = None
-    ) -> torch.Tensor:
-        """Run ``model`` on ``batch`` by the stage's convention and return its loss."""
-        pred = self.stage.io.predict(model, batch)
-        teacher_pred = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_pred = self.stage.io.predict(teacher, batch)
-        return self.stage.loss(pred, teacher=teacher_pred, model=model)[0]
-
-    def set_lr(self, optimizer: torch.optim.Optimizer) -> float:
-        """Write this step's learning rate into every param group; returns it."""
-        lr = self.lr
-        apply_lr(optimizer, lr)
-        return lr
-
-    def report(self, metrics: Mapping[str, float]) -> bool:
-        """Feed evaluation results (``{"val.accuracy": 0.91}``) to the stage's advance rule.
-
-        Returns True when the stage ends after this step (the iterator then continues
-        with the next stage).
-        """
-        rule = self.stage.config.advance
-        if rule is None or rule.metric not in metrics:
-            return False
-        state = self.run.state
-        state.stage_step = self.stage_step + 1
-        decision = check_advance(
-            rule, float(metrics[rule.metric]), state, self.run.min_steps(self.stage)
-        )
-        if decision.advance:
-            self.run.advance_after = self.step
-        return decision.advance
-
-
-class StepIterator:
-    """Iterates the steps of a curriculum for a user's loop, ending stages early when
-    their advance rule says so (see :meth:`StepInfo.report`)."""
-
-    def __init__(
-        self, curriculum: Curriculum, start: TrainState | None, rank: int, world_size: int
-    ) -> None:
-        self.curriculum = curriculum
-        self.state = dataclasses.replace(start) if start is not None else TrainState()
-        self.rank, self.world_size = rank, world_size
-        self.trainable: dict[str, bool] | None = None
-        self.advance_after: int | None = None
-
-    def min_steps(self, stage: Stage) -> int:
-        rule = stage.config.advance
-        if rule is None or rule.min_duration is None:
-            return 0
-        return stage.context.to_steps(
-            Duration.parse(rule.min_duration), field=f"stages[{stage.index}].advance.min_duration"
-        )
-
-    def __iter__(self) -> Iterator[StepInfo]:
-        state = self.state
-        step = state.step
-        for stage in self.curriculum.stages[state.stage_index :]:
-            first = state.stage_step if stage.index == state.stage_index else 0
-            if stage.index != state.stage_index:
-                state.plateau_best, state.plateau_waits = None, 0
-            state.stage_index = stage.index
-            for stage_step in range(first, stage.steps):
-                state.stage_step = stage_step
-                yield StepInfo(self, stage, step, stage_step)
-                step += 1
-                state.step = step
-                if self.advance_after is not None:
-                    self.advance_after = None
-                    break
-        state.stage_index, state.stage_step = len(self.curriculum.stages), 0
 
 
 class Curriculum:
@@ -386,7 +136,8 @@ class Curriculum:
         own = [dataset for dataset, _ in built]
         batch_size = cfg.batch_size
         assert batch_size is not None and cfg.optimizer is not None and cfg.loss is not None
-        epoch_samples = int(sum(len(d) for d in own))
+        # An epoch of a token source is a pass over its tokens, not over every window.
+        epoch_samples = round(sum(float(getattr(d, "samples_per_pass", len(d))) for d in own))
         initial = [
             float(s.weight) if isinstance(s.weight, int | float) else 1.0 for s in cfg.data.sources
         ]
@@ -462,6 +213,7 @@ class Curriculum:
             lr_shape=shape,
             seed=self.config.seed,
             paced=paced,
+            tokens_per_source=[tokens_per_sample(d, cfg.seq_len, self.fmt) for d in datasets],
         )
 
     def _source(
@@ -606,6 +358,11 @@ def _weight_schedule(weight: Any, steps: int, ctx: TimeContext) -> Schedule:
 
 def _scaled_share(weight: Schedule, group: list[Schedule], scale: float) -> Schedule:
     """``weight`` normalised within ``group`` and scaled to ``scale`` of the batch."""
+    values = [constant_value(g) for g in [weight, *group]]
+    if all(v is not None for v in values):  # constant weights stay constant: O(1) sampling
+        own, *rest = (max(float(v or 0.0), 0.0) for v in values)
+        total = sum(rest)
+        return constant(scale * own / total if total > 0 else scale / len(group))
 
     def schedule(step: float) -> float:
         total = sum(max(g(step), 0.0) for g in group)

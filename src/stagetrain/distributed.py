@@ -9,13 +9,14 @@ of per-rank RNG states into the checkpoint.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from stagetrain.env import LaunchEnv, read_launch_env
 
 
 @dataclass(frozen=True)
@@ -37,42 +38,38 @@ def init_from_env() -> DistInfo:
     Uses NCCL when CUDA is available and gloo otherwise; a single process (no
     ``WORLD_SIZE`` or ``WORLD_SIZE=1``) starts no group.
     """
+    env = read_launch_env()  # every variable checked: a bad one is one line, not a hang
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(
-            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-        )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+        return DistInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
+    if not env.distributed:
         return DistInfo()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # A bounded timeout turns a rare hung connection (seen with gloo right after a
     # torchrun restart) into a failure that torchrun's --max-restarts retries.
-    timeout = timedelta(seconds=float(os.environ.get("STAGETRAIN_DIST_TIMEOUT", "1800")))
+    timeout = env.timeout
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    rank = int(os.environ.get("RANK", "0"))
-    store = _attempt_store(rank, world_size, timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+        torch.cuda.set_device(env.local_rank)
+    store = _attempt_store(env, timeout)
+    dist.init_process_group(
+        backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+    )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), env.local_rank)
 
 
-def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+def _attempt_store(env: LaunchEnv, timeout: timedelta) -> dist.Store:
     """The launcher's key-value store, namespaced by torchrun's restart count.
 
     After a restart, torchrun's workers reconnect to the same agent store; without a
     fresh namespace a new rank can read a dead rank's address from the previous attempt
     and fail to connect (seen with gloo). The prefix keeps attempts apart.
     """
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = int(os.environ.get("MASTER_PORT", "29500"))
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    host = env.master_addr or "127.0.0.1"
+    port = env.master_port or 29500
     base = dist.TCPStore(
-        host, port, world_size, is_master=(rank == 0 and not agent_store), timeout=timeout,
-        wait_for_workers=False,
+        host, port, env.world_size, is_master=(env.rank == 0 and not env.use_agent_store),
+        timeout=timeout, wait_for_workers=False,
     )  # fmt: skip
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"stagetrain/attempt-{attempt}", base)
+    return dist.PrefixStore(f"stagetrain/attempt-{env.restart_count}", base)
 
 
 def default_device(info: DistInfo) -> torch.device:

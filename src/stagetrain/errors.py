@@ -26,3 +26,12 @@ class DataError(StageTrainError):
 
 class TrainingError(StageTrainError):
     """Training cannot continue (for example a non-finite loss under the 'raise' policy)."""
+
+
+class RunDirError(StageTrainError):
+    """A run directory cannot be used: locked by another process, holding another run,
+    or not writable (the message names the path and the operating system's reason)."""
+
+
+class EnvError(StageTrainError):
+    """An environment variable (WORLD_SIZE, STAGETRAIN_CACHE, ...) has an invalid value."""

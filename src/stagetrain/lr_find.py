@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from stagetrain.checkpoint import CheckpointStore, atomic_write_text, load_checkpoint
+from stagetrain.atomic import atomic_write_text
+from stagetrain.checkpoint import CheckpointStore, load_checkpoint
 from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.distributed import DistInfo
 from stagetrain.errors import CheckpointError, ConfigError

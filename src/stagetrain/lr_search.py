@@ -80,12 +80,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from stagetrain.apportion import apportion
 from stagetrain.batch import Batch, batch_size, to_device
-from stagetrain.checkpoint import rng_state, set_rng_state
 from stagetrain.config import AutoLRConfig, CurriculumConfig, StageConfig
 from stagetrain.errors import ConfigError
 from stagetrain.optim import apply_lr, takes_lr
-from stagetrain.sampler import StageSampler, apportion
+from stagetrain.rng import rng_state, set_rng_state
+from stagetrain.sampler import StageSampler
 from stagetrain.seeding import derive_seed
 
 if TYPE_CHECKING:

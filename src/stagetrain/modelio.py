@@ -75,6 +75,11 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
 
 
 def _fields(batch: Any) -> dict[str, Any] | None:
+    kind = type(batch)
+    if kind is tuple or kind is list or kind is torch.Tensor:
+        return None  # the common cases first: this runs several times a step
+    if kind is dict:
+        return batch
     if isinstance(batch, Mapping):
         return dict(batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):

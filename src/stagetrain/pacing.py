@@ -109,13 +109,21 @@ class PacedSampler:
         self.seed = seed
         self.stage_index = stage_index
         self.sizes = np.array([size], dtype=np.int64)
-        self.counts = np.full((steps, 1), batch_size, dtype=np.int64)
         self._by_class: list[np.ndarray] | None = None
         if labels is not None:
             ordered_labels = labels[self.order]
             classes = np.unique(ordered_labels)
             # Positions (in visibility order) of each class, ascending.
             self._by_class = [np.nonzero(ordered_labels == c)[0] for c in classes]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Samples per step, shape ``(steps, 1)`` (O(steps) memory; one source, always full)."""
+        return np.full((self.steps, 1), self.batch_size, dtype=np.int64)
+
+    def source_shares(self) -> np.ndarray:
+        """One source: all of the stage's samples."""
+        return np.ones(1)
 
     def visible(self, step: int) -> int:
         """Number of samples visible at ``step`` (at least one)."""

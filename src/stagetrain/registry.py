@@ -23,6 +23,7 @@ BUILTIN_SOURCES: dict[str, str] = {
     # Real data on disk (stagetrain.sources): token files and Hugging Face datasets.
     "tokens": "stagetrain.sources.tokens:tokens_source",
     "hf": "stagetrain.sources.hf:hf_source",
+    "elastic_text": "stagetrain.elastic.data:budget_items",
 }
 """Built-in data sources: name -> import path of a factory ``(**args) -> Dataset``."""
 
@@ -33,6 +34,10 @@ BUILTIN_MODELS: dict[str, str] = {
     "elastic_gpt": "stagetrain.elastic.model:elastic_gpt",
     "elastic_parent": "stagetrain.recipes.elastic:elastic_parent",
     "elastic_pruned": "stagetrain.recipes.elastic:pruned_teacher",
+    "elastic_hf": "stagetrain.recipes.elastic:elastic_hf",
+    "hf_causal_lm": "stagetrain.elastic.hf:hf_causal_lm",
+    "hf_sliced": "stagetrain.elastic.hf:hf_sliced",
+    "extracted": "stagetrain.elastic.extract:extracted",
 }
 """Built-in models: name -> import path of a factory ``(**args) -> nn.Module``."""
 
@@ -129,7 +134,7 @@ def load_weights(path: str, *, field: str) -> dict[str, Any]:
     from stagetrain.errors import CheckpointError
 
     file = Path(path)
-    if (file / "checkpoints" / "manifest.json").is_file():
+    if (file / "checkpoints").is_dir():  # the manifest may be lost: sidecars rebuild it
         # A run directory: the model weights of its newest intact checkpoint.
         from stagetrain.checkpoint import CheckpointStore
 

@@ -35,6 +35,8 @@ def constant(value: float) -> Schedule:
     def schedule(step: float) -> float:
         return value
 
+    # Marks the schedule as constant, so that a mixture can use closed-form counts.
+    schedule.constant_value = value  # type: ignore[attr-defined]
     return schedule
 
 

@@ -18,6 +18,22 @@ fraction of that stage.
 
 Every conversion to steps goes through :meth:`TimeContext.to_steps`, so there is
 exactly one place that knows how a sample, a token or an epoch relates to a step.
+
+Durations are bounded, so that a typo such as ``1e400ba`` (infinity once parsed) or
+``1e15ba`` is a clear error instead of an overflow or an attempt to plan 10^15 steps:
+
+========= ============== ===============================================================
+unit      at most        why this bound
+========= ============== ===============================================================
+``ba``    10^12 steps    ~30 years at 1000 steps/s; also the bound after any conversion
+``sp``    10^15 samples  keeps cumulative sample counts exact in float64 (< 2^53 ~ 9e15)
+``tok``   10^18 tokens   ~100,000x the largest published pre-training runs (~10^13)
+``ep``    10^9 epochs
+``dur``   1 (the span)
+========= ============== ===============================================================
+
+A stage converted to steps must also stay within 10^12 steps and 10^15 samples
+(steps x batch size), whatever unit it was written in.
 """
 
 from __future__ import annotations
@@ -39,6 +55,26 @@ class TimeUnit(str, Enum):
     EPOCH = "ep"
     FRACTION = "dur"
 
+
+MAX_STEPS = 10**12
+"""Most optimizer steps a duration (or a stage, after conversion) may last."""
+MAX_SAMPLES = 10**15
+"""Most samples a stage may draw: cumulative counts stay exact in float64 below 2^53."""
+MAX_VALUE = {
+    TimeUnit.STEP: float(MAX_STEPS),
+    TimeUnit.SAMPLE: float(MAX_SAMPLES),
+    TimeUnit.TOKEN: 1e18,
+    TimeUnit.EPOCH: 1e9,
+    TimeUnit.FRACTION: 1.0,
+}
+"""Largest value a duration may be written with, per unit (see the module docstring)."""
+_UNIT_WORDS = {
+    TimeUnit.STEP: "steps",
+    TimeUnit.SAMPLE: "samples",
+    TimeUnit.TOKEN: "tokens",
+    TimeUnit.EPOCH: "epochs",
+    TimeUnit.FRACTION: "of the span",
+}
 
 _DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(ba|sp|tok|ep|dur)\s*$")
 
@@ -80,6 +116,11 @@ class Duration:
             raise ConfigError(f"{where}duration must be positive, got {text!r}")
         if unit is TimeUnit.FRACTION and value > 1:
             raise ConfigError(f"{where}a fraction ('dur') must be in (0, 1], got {text!r}")
+        if not value <= MAX_VALUE[unit]:  # also catches inf (1e400) and nan
+            raise ConfigError(
+                f"{where}{text.strip()!r} is too long: a duration in {unit.value!r} is at most "
+                f"{MAX_VALUE[unit]:.0e} {_UNIT_WORDS[unit]}"
+            )
         if unit is TimeUnit.STEP and value != int(value):
             raise ConfigError(f"{where}a number of steps must be whole, got {text!r}")
         return cls(value, unit)
@@ -134,8 +175,20 @@ class TimeContext:
                     "give the curriculum a 'total' duration or use another unit"
                 )
             steps = value * self.enclosing_steps
+        if not steps <= MAX_STEPS:
+            raise ConfigError(
+                f"{field}: {duration} is {steps:.3g} steps; at most {MAX_STEPS:.0e} steps are "
+                "allowed (check the unit and the batch size)"
+            )
         # A tiny tolerance so that 0.3 * 1000 = 300.00000000000006 stays 300 steps.
-        return max(1, math.ceil(steps - 1e-9))
+        whole = max(1, math.ceil(steps - 1e-9))
+        if whole * self.batch_size > MAX_SAMPLES:
+            raise ConfigError(
+                f"{field}: {duration} is {whole * self.batch_size:.2g} samples "
+                f"({whole:,} steps of {self.batch_size:,}); at most {MAX_SAMPLES:.0e} samples "
+                "are allowed"
+            )
+        return whole
 
     def samples(self, steps: int) -> int:
         """Samples seen in ``steps`` steps."""

@@ -1,25 +1,52 @@
-"""Nested elastic models trained with a budget curriculum (Nemotron Elastic, in miniature).
+"""Nested elastic models trained with a budget curriculum (Nemotron Elastic).
 
-- :mod:`~stagetrain.elastic.model`: :class:`ElasticGPT`, maskable in width, heads, MLP
-  neurons and depth, per sample;
-- :mod:`~stagetrain.elastic.router`: per-axis Gumbel-softmax routers and the parameter cost;
+Supported model families: Hugging Face ``LlamaForCausalLM`` and ``GPT2LMHeadModel``
+(through :class:`ElasticModel`), and the built-in :class:`ElasticGPT`.
+
+- :mod:`~stagetrain.elastic.family`: what the machinery needs to know about a family
+  (:mod:`~stagetrain.elastic.llama`, :mod:`~stagetrain.elastic.gpt2`, ``GPTFamily``);
+- :mod:`~stagetrain.elastic.masking`: per-sample masks through forward hooks;
+- :mod:`~stagetrain.elastic.space` and :mod:`~stagetrain.elastic.router`: the axes, the
+  parameter cost, the per-axis Gumbel-softmax routers and the projection onto targets;
 - :mod:`~stagetrain.elastic.importance`: importance ranking and the nesting permutation;
-- :mod:`~stagetrain.elastic.data`: budgets carried in token ids, assigned by mixtures;
+- :mod:`~stagetrain.elastic.hf` and :mod:`~stagetrain.elastic.model`: the elastic models;
+- :mod:`~stagetrain.elastic.data`: budgets assigned by mixtures, carried beside the tokens;
 - :mod:`~stagetrain.elastic.losses`: the router loss term;
-- :mod:`~stagetrain.elastic.extract`: zero-shot extraction of a standalone submodel.
+- :mod:`~stagetrain.elastic.budgets`: budget checks against their targets;
+- :mod:`~stagetrain.elastic.extract` and :mod:`~stagetrain.elastic.export`: zero-shot
+  extraction, the stagetrain and Hugging Face formats, ``stagetrain extract``.
 """
 
-from stagetrain.elastic.extract import extract, save_extracted
-from stagetrain.elastic.importance import rank_and_permute
-from stagetrain.elastic.model import ElasticGPT
-from stagetrain.elastic.router import BudgetRouter, BudgetSpec, param_count
+from stagetrain.elastic.budgets import BudgetCheck, BudgetError, BudgetStatus, check_budgets
+from stagetrain.elastic.extract import (
+    extract,
+    load_extracted,
+    save_extracted,
+    save_hf,
+    slice_model,
+)
+from stagetrain.elastic.hf import CausalLM, ElasticModel
+from stagetrain.elastic.importance import Importance, rank_and_permute, score
+from stagetrain.elastic.model import ElasticGPT, param_count
+from stagetrain.elastic.router import BudgetRouter, BudgetSpec
 
 __all__ = [
+    "BudgetCheck",
+    "BudgetError",
     "BudgetRouter",
     "BudgetSpec",
+    "BudgetStatus",
+    "CausalLM",
     "ElasticGPT",
+    "ElasticModel",
+    "Importance",
+    "check_budgets",
     "extract",
+    "load_extracted",
     "param_count",
     "rank_and_permute",
     "save_extracted",
+    "save_hf",
+    "score",
+    "slice_model",
 ]

@@ -1,158 +1,241 @@
 """Zero-shot extraction: a really smaller model for one budget, sliced from the parent.
 
 The router (in evaluation mode) picks the budget's sizes; the kept channels, heads and
-neurons are prefixes (after :func:`~stagetrain.elastic.importance.rank_and_permute`) and
-the kept layers are the most important ones, in their original order. Slicing the
-tensors gives a plain :class:`~stagetrain.elastic.model.ElasticGPT` whose forward pass
-equals the parent's masked forward pass for that budget.
+neurons are prefixes (after :func:`~stagetrain.elastic.importance.rank_and_permute`)
+and the kept layers are the most important ones, in their original order. Slicing the
+state dict through the family's rules (:func:`~stagetrain.elastic.family.take`) gives a
+model of the family whose forward pass equals the parent's masked forward pass.
+
+Two formats (``stagetrain extract --format``):
+
+- ``stagetrain`` (default): ``model.safetensors`` and ``model.json``, a model config
+  ``{"builtin", "args", "weights": "model.safetensors"}`` plus the layout (family,
+  budget, kept layers and sizes, parameter counts). The weights path is relative to
+  the folder, so the folder can move; :func:`load_extracted` (or ``model: {builtin:
+  extracted, args: {path: DIR}}``) loads it. Every configuration can be written.
+- ``hf``: a Hugging Face directory (``config.json`` of the family's own config class,
+  ``model.safetensors``) that ``AutoModelForCausalLM.from_pretrained`` loads, plus the
+  tokenizer files when the run has them. Only where the family's config can hold the
+  shapes; otherwise a one-line error names the constraint.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from stagetrain.checkpoint import atomic_write, atomic_write_text
-from stagetrain.elastic.importance import head_columns, head_rows
-from stagetrain.elastic.model import ElasticBlock, ElasticGPT
+from stagetrain.elastic.core import ElasticHost
+from stagetrain.elastic.family import LayerSize, Selection, kept_heads, take
 from stagetrain.errors import ConfigError
 
+Format = Literal["stagetrain", "hf"]
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja",
+)  # fmt: skip
 
-def extract(parent: ElasticGPT, budget: str) -> tuple[ElasticGPT, dict[str, Any]]:
-    """The standalone model for ``budget`` and the factory arguments that rebuild it."""
-    if parent.router is None:
+
+@dataclass
+class Child:
+    """An extracted model and how it was cut."""
+
+    model: nn.Module
+    spec: dict[str, Any]
+    """``{"builtin", "args"}`` that rebuild a blank copy of ``model``."""
+    width: int
+    layers: list[int]
+    """Parent layers kept, in order."""
+    sizes: list[LayerSize]
+    config: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def layout(self) -> dict[str, Any]:
+        return {
+            "width": self.width,
+            "layers": self.layers,
+            "heads": [s.heads for s in self.sizes],
+            "ffn": [s.ffn for s in self.sizes],
+        }
+
+
+def _router(host: ElasticHost) -> Any:
+    if host.router is None or host.space is None:
         raise ConfigError("extract: the model has no budgets (it is not an elastic parent)")
+    return host.router
+
+
+def extract(host: ElasticHost, budget: str) -> Child:
+    """The standalone model for ``budget`` (its router's evaluation-mode choice)."""
+    router = _router(host)
     try:
-        sizes = parent.router.configuration(budget)
+        config = router.configuration(budget)
     except KeyError as exc:
         raise ConfigError(f"extract: --budget: {exc.args[0]}") from None
-    return slice_model(parent, sizes)
+    return slice_model(host, config)
 
 
-def slice_model(parent: ElasticGPT, sizes: dict[str, int]) -> tuple[ElasticGPT, dict[str, Any]]:
-    """A plain model keeping the first ``width`` channels, ``heads`` heads and ``ffn``
-    neurons and the ``depth`` most important layers of ``parent`` (ranked and permuted)."""
-    width, n_heads, ffn, depth = sizes["width"], sizes["heads"], sizes["ffn"], sizes["depth"]
-    kept_layers = [i for i in range(len(parent.blocks)) if int(parent.layer_rank[i]) < depth]
-    args: dict[str, Any] = dict(parent.arch, width=width, heads=n_heads, ffn=ffn, layers=depth)
-    child = ElasticGPT(**args)
-    heads = torch.arange(n_heads)
-    with torch.no_grad():
-        child.tokens.weight.copy_(parent.tokens.weight[:, :width])
-        child.positions.weight.copy_(parent.positions.weight[:, :width])
-        for target, index in zip(child.blocks, kept_layers, strict=True):
-            source = parent.blocks[index]
-            assert isinstance(source, ElasticBlock) and isinstance(target, ElasticBlock)
-            for name in ("ln1", "ln2"):
-                getattr(target, name).weight.copy_(getattr(source, name).weight[:width])
-                getattr(target, name).bias.copy_(getattr(source, name).bias[:width])
-            rows = head_rows(source, heads)
-            target.qkv.weight.copy_(source.qkv.weight[rows, :width])
-            target.qkv.bias.copy_(source.qkv.bias[rows])
-            target.proj.weight.copy_(source.proj.weight[:width, head_columns(source, heads)])
-            target.proj.bias.copy_(source.proj.bias[:width])
-            target.fc1.weight.copy_(source.fc1.weight[:ffn, :width])
-            target.fc1.bias.copy_(source.fc1.bias[:ffn])
-            target.fc2.weight.copy_(source.fc2.weight[:width, :ffn])
-            target.fc2.bias.copy_(source.fc2.bias[:width])
-        child.ln.weight.copy_(parent.ln.weight[:width])
-        child.ln.bias.copy_(parent.ln.bias[:width])
-        child.head.weight.copy_(parent.head.weight[:, :width])
-        child.head.bias.copy_(parent.head.bias)
-    child.train(parent.training)
-    return child, args
+def slice_model(host: ElasticHost, config: dict[str, int]) -> Child:
+    """The model keeping ``config``'s sizes (``{axis: size}``: ``width``, ``depth`` and
+    ``heads``/``ffn`` or their per-layer ``heads_<l>``/``ffn_<l>``) of a ranked ``host``."""
+    family = host.family
+    sizes = family.sizes
+    layer_rank = host.layer_rank.cpu()
+    kept = [i for i in range(sizes.layers) if int(layer_rank[i]) < config["depth"]]
+    per_layer = []
+    for i in kept:
+        heads = config.get(f"heads_{i}", config.get("heads"))
+        ffn = config.get(f"ffn_{i}", config.get("ffn"))
+        if heads is None or ffn is None:
+            raise ConfigError(f"extract: the configuration has no heads/ffn for layer {i}")
+        per_layer.append(LayerSize(int(heads), int(ffn)))
+    width = int(config["width"])
+    heads_kept = [kept_heads(s.heads, sizes) for s in per_layer]
+    selection = Selection(
+        channels=torch.arange(width),
+        layers=kept,
+        heads=[q for q, _ in heads_kept],
+        kv_heads=[kv for _, kv in heads_kept],
+        neurons=[torch.arange(s.ffn) for s in per_layer],
+    )
+    state = take(
+        host.root.state_dict(), selection, family.rules, sizes,
+        prefix=family.prefix, exclude=family.exclude,
+    )  # fmt: skip
+    child = family.build_child(width, per_layer)
+    missing, unexpected = child.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(family.exclude) for k in missing):
+        raise ConfigError(f"extract: the slices do not fit the child ({missing}, {unexpected})")
+    child.train(host.root.training)
+    return Child(
+        model=child,
+        spec=family.child_spec(width, per_layer),
+        width=width,
+        layers=kept,
+        sizes=per_layer,
+        config=dict(config),
+    )
 
 
-def save_extracted(model: ElasticGPT, args: dict[str, Any], out: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` (a model config that rebuilds it:
-    ``{"builtin": "elastic_gpt", "args": ..., "weights": ...}``) into ``out``."""
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Tied weights share storage, which safetensors refuses: save each key's own copy.
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_extracted(
+    child: Child, out: str | Path, *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write the stagetrain format (see the module docstring) into ``out``."""
     from safetensors.torch import save
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    data = save(state)
+    data = save(_state(child.model))
     atomic_write(weights, lambda f: f.write(data))
-    config = {"builtin": "elastic_gpt", "args": args, "weights": str(weights.resolve())}
+    config = {
+        "format": "stagetrain",
+        **child.spec,
+        "weights": weights.name,
+        "layout": child.layout(),
+        **(metadata or {}),
+    }
     atomic_write_text(out / "model.json", json.dumps(config, indent=2) + "\n")
     return weights
 
 
-@dataclass
-class ExtractionReport:
-    """What :func:`extract_run` wrote and how well it matches the parent."""
+def save_hf(
+    child: Child,
+    family: Any,
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a Hugging Face directory for ``child`` into ``out`` (see the module docstring);
+    raises :class:`ConfigError` when the family's config cannot hold its shapes."""
+    from transformers import AutoModelForCausalLM
 
-    budget: str
-    sizes: dict[str, Any]
-    params: int
-    full_params: int
-    target: float
-    max_abs_diff: float
-    weights: Path
-
-    @property
-    def fraction(self) -> float:
-        return self.params / self.full_params
-
-    @property
-    def off_target(self) -> float:
-        """Relative miss of the parameter count: ``fraction / target - 1``."""
-        return self.fraction / self.target - 1
-
-    def lines(self) -> list[str]:
-        return [
-            f"budget {self.budget!r}: width {self.sizes['width']}, heads {self.sizes['heads']}, "
-            f"ffn {self.sizes['ffn']}, layers {self.sizes['layers']}",
-            f"parameters {self.params:,} = {self.fraction:.3f} of the full {self.full_params:,} "
-            f"(target {self.target:.3f}; {self.off_target:+.1%} off)",
-            f"max |extracted - masked parent| on check batches: {self.max_abs_diff:.2e}",
-            f"wrote {self.weights} and {self.weights.with_name('model.json')}",
-        ]
+    hf_config = family.hf_config(child.width, child.sizes)
+    model = AutoModelForCausalLM.from_config(hf_config)
+    model.load_state_dict(child.model.state_dict())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    copied = copy_tokenizer(tokenizer, out) if tokenizer is not None else []
+    config = {
+        "format": "hf",
+        "family": family.name,
+        "layout": child.layout(),
+        "tokenizer_files": copied,
+        **(metadata or {}),
+    }
+    atomic_write_text(out / "model.json", json.dumps(config, indent=2) + "\n")
+    return out / "model.safetensors"
 
 
-def extract_run(
-    run_dir: str | Path, budget: str, out: str | Path, *, check_batches: int = 4, seed: int = 0
-) -> ExtractionReport:
-    """Extract ``budget`` from the newest checkpoint of an elastic run, save it, and check
-    it against the masked parent on random token batches."""
-    from stagetrain.config import load_config
-    from stagetrain.registry import build_model, load_weights
+def copy_tokenizer(source: str | Path, out: Path) -> list[str]:
+    """Tokenizer files of ``source`` (a directory, or ``"bytes"`` for the byte-level
+    tokenizer of the stdlib text recipes) written into ``out``; their names."""
+    if str(source) == "bytes":
+        byte_tokenizer().save_pretrained(out)
+        return sorted(n for n in TOKENIZER_FILES if (out / n).exists())
+    directory = Path(source)
+    if not directory.is_dir():
+        raise ConfigError(f"tokenizer: {str(source)!r} is not a directory (or 'bytes')")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (directory / name).is_file():
+            shutil.copy2(directory / name, out / name)
+            copied.append(name)
+    return copied
 
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = load_config(config_path)
-    if config.model is None:
-        raise ConfigError(f"{config_path}: model: the run declares no model")
-    parent = build_model(config.model, seed=config.seed)
-    if not isinstance(parent, ElasticGPT):
-        raise ConfigError(f"{config_path}: model: not an ElasticGPT (cannot extract budgets)")
-    parent.load_state_dict(load_weights(str(run_dir), field="run_dir"))
-    parent.eval()
-    child, args = extract(parent, budget)
-    child.eval()
-    assert parent.router is not None
-    index = parent.router.index(budget)
-    generator = torch.Generator().manual_seed(seed)
-    diff = 0.0
-    with torch.no_grad():
-        for _ in range(check_batches):
-            tokens = torch.randint(0, parent.vocab, (4, parent.context), generator=generator)
-            masked = parent(tokens + parent.vocab * index)
-            diff = max(diff, float((child(tokens) - masked).abs().max()))
-    weights = save_extracted(child, args, out)
-    return ExtractionReport(
-        budget=budget,
-        sizes=args,
-        params=sum(p.numel() for p in child.parameters()),
-        full_params=parent.full_params,
-        target=parent.router.budgets[index].target,
-        max_abs_diff=diff,
-        weights=weights,
-    )
+
+def byte_tokenizer() -> Any:
+    """A fast tokenizer whose token ids are the UTF-8 bytes of the text (ids 0-255), as
+    in :mod:`stagetrain.recipes.pystdlib`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def load_extracted(path: str | Path) -> nn.Module:
+    """The model an extraction wrote into ``path`` (either format), in evaluation mode."""
+    from stagetrain.registry import BUILTIN_MODELS, call_factory, load_weights, resolve_factory
+
+    folder = Path(path)
+    spec_file = folder / "model.json"
+    if not spec_file.is_file():
+        raise ConfigError(f"{folder}: no model.json (not a folder written by stagetrain extract)")
+    spec = json.loads(spec_file.read_text())
+    if spec.get("format") == "hf":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    factory = resolve_factory(
+        builtin=spec.get("builtin"), factory=spec.get("factory"), table=BUILTIN_MODELS,
+        field=f"{spec_file}: builtin", kind="model",
+    )  # fmt: skip
+    model = call_factory(factory, spec.get("args", {}), error=ConfigError, what=str(spec_file))
+    model.load_state_dict(load_weights(str(folder / spec["weights"]), field=str(spec_file)))
+    return model.eval()
+
+
+def extracted(*, path: str) -> nn.Module:
+    """Factory for configs (``model: {builtin: extracted, args: {path: DIR}}``)."""
+    return load_extracted(path)

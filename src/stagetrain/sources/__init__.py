@@ -3,7 +3,10 @@
 ============== ==========================================================================
 module         job
 ============== ==========================================================================
-``tokens``     token files (``.bin`` + dtype, ``.npy``) memory-mapped and read as windows
+``tokens``     the ``tokens`` source: token files memory-mapped and read as windows
+``tokenfiles`` a token file (``.bin`` + dtype or sidecar, ``.npy``): mapped, read, scanned
+``windows``    window layouts: the files or documents windows stay in, their starts
+``token_ids``  any dataset's token ids against the model's vocabulary
 ``tokenizer``  local tokenizers (``tokenizer.json``, a transformers directory, raw bytes)
 ``prepare``    text / JSONL / HF dataset -> token file + ``.json`` sidecar, multiprocess
 ``hf``         a Hugging Face dataset (saved or local files): columns, packing, padding

@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from stagetrain.advance import AdvanceDecision, check_advance
+from stagetrain.advance import (
+    NONFINITE_ADVICE,
+    AdvanceDecision,
+    check_advance,
+    nonfinite_metric,
+    rule_value,
+)
 from stagetrain.config import AdvanceConfig
 from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.errors import TrainingError
@@ -89,20 +95,11 @@ class Evaluations:
         policy: str,
     ) -> AdvanceDecision:
         """The advance rule on the metrics every rank holds (rank 0's decision is final)."""
-        key = rule.metric.partition(".")[2]
-        if key not in metrics:
-            raise TrainingError(
-                f"stages[{stage.index}].advance.metric: the evaluation produced no {key!r}; "
-                f"it produced {sorted(metrics)}"
-            )
-        value = metrics[key]
+        value = rule_value(rule, metrics, stage_index=stage.index)
         if not math.isfinite(value):
-            detail = f"{rule.metric} is {value} at step {state.step} in stage {stage.name!r}"
+            detail = nonfinite_metric(rule, value, state.step, stage.name)
             if policy == "raise":
-                raise TrainingError(
-                    f"{detail}: the model diverged or the metric failed; an advance rule never "
-                    "acts on a non-finite value"
-                )
+                raise TrainingError(detail + NONFINITE_ADVICE)
             self.logger.log(record("skip", stage, detail=detail))
             return AdvanceDecision(False)
         decision = check_advance(rule, value, state, min_steps)

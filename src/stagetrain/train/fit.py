@@ -7,6 +7,7 @@ rest to the :class:`~stagetrain.train.runner.Runner`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,12 +17,17 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from stagetrain.checkpoint import CheckpointStore, atomic_write_text
+from stagetrain.checkpoint import LOOP_KEYS, CheckpointStore, atomic_write_text
+from stagetrain.compat import ensure_compatible
 from stagetrain.config import CurriculumConfig, load_config
 from stagetrain.curriculum import Curriculum
-from stagetrain.errors import CheckpointError, ConfigError
+from stagetrain.env import read_launch_env
+from stagetrain.errors import ConfigError, StageTrainError
 from stagetrain.handoff import trainable_flags
 from stagetrain.logs import RunLogger
+from stagetrain.optim import build_optimizer
+from stagetrain.rundir import open_run_dir
+from stagetrain.signals import StopRequest, graceful_shutdown
 from stagetrain.state import TrainState
 from stagetrain.train import resume as resuming
 from stagetrain.train import rundir
@@ -42,6 +48,8 @@ class FitResult:
     run_dir: Path
     completed: bool = True
     """False when the run stopped early (a stop request or a signal)."""
+    stopped_by: StopRequest | None = None
+    """The signal that stopped the run (``exit_code`` 143 for SIGTERM, 130 for SIGINT)."""
 
 
 def _as_curriculum(
@@ -80,6 +88,7 @@ def fit(
     resume: bool = False,
     on_change: OnChange = "refuse",
     overwrite: bool = False,
+    auto_resume: bool = False,
     datasets: Mapping[str, Any] | None = None,
     teacher: torch.nn.Module | None = None,
     device: str | torch.device | None = None,
@@ -87,6 +96,7 @@ def fit(
     progress: bool = True,
     tensorboard: bool = True,
     engine: Literal["torch", "accelerate"] | Engine = "torch",
+    handle_signals: bool = False,
 ) -> FitResult:
     """Train ``model`` through every stage of ``curriculum``.
 
@@ -102,6 +112,8 @@ def fit(
             lists what changed), ``keep-position`` (same stage and stage-local step under
             the new curriculum) or ``restart-stage`` (the current stage starts over).
         overwrite: start fresh in a used ``run_dir``, moving its old files aside.
+        auto_resume: resume when ``run_dir`` holds a checkpoint (rebuilding a lost manifest
+            from the checkpoints' sidecars), else start fresh.
         datasets: in-memory datasets named ``"@name"`` in the config (when ``curriculum``
             is not built yet).
         teacher: frozen model for ``kl_distill`` loss terms (default: the config's).
@@ -112,6 +124,9 @@ def fit(
         tensorboard: write TensorBoard events (when the package is installed).
         engine: ``torch`` (the process group ``torchrun`` describes, DDP), ``accelerate``
             (for ``accelerate launch``), or an :class:`~stagetrain.train.engine.Engine`.
+        handle_signals: on SIGTERM/SIGINT finish the current step, write a checkpoint and
+            return (``FitResult.stopped_by``); a second signal exits at once. The CLI
+            turns it on; off by default so a notebook's Ctrl-C keeps its usual meaning.
 
     Returns:
         A :class:`FitResult`.
@@ -131,92 +146,154 @@ def fit(
                 f"world size {info.world_size}; the global batch is split evenly across ranks"
             )
     run_path = Path(run_dir) if run_dir is not None else rundir.default_run_dir(config.name)
-    if resume and not run_path.is_dir():
-        raise CheckpointError(f"{run_path}: no such run directory to resume")
-    if info.is_main and not resume:
-        rundir.check_fresh(run_path, overwrite=overwrite)
-    if info.is_main:
-        rundir.check_writable(
-            run_path, rundir.checkpoint_bytes_estimate(model, config.checkpoint.keep)
-        )
-    eng.barrier()
-    model.to(eng.device)
-    if teacher is None:
-        teacher = curriculum.build_teacher()
-    if teacher is not None:
-        teacher.to(eng.device).eval()
-    trainable = trainable_flags(model)
-    store = CheckpointStore(run_path / "checkpoints", keep=config.checkpoint.keep)
-    state = TrainState()
-    optimizer = None
-    resume_lines: int | None = None
-    scaler_state = None
-    if resume:
-        payload, entry = store.load_latest()
-        resuming.check_payload(payload, str(run_path / "checkpoints" / entry.file))
-        state = resuming.check_resume(payload, curriculum, on_change)
-        finished = rundir.read_summary(run_path)
-        if finished is not None and state.stage_index >= len(curriculum.stages):
-            # Resuming a finished run changes nothing: its summary stays as it is.
-            return FitResult(
-                TrainState.from_dict(finished.get("state", {})),
-                dict(finished.get("metrics", {})),
-                run_path,
-            )
-        optimizer = resuming.restore(payload, curriculum, model, state, eng)
-        resume_lines = int(payload["log_lines"])
-        scaler_state = payload.get("scaler")
-    else:
-        torch.manual_seed(config.seed)
-    eval_sets = preflight(
-        curriculum,
-        model,
-        teacher,
-        device=eng.device,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
-    if info.is_main:
-        atomic_write_text(
-            run_path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
-        )
-        (run_path / "summary.json").unlink(missing_ok=True)
-    logger = RunLogger(
-        run_path,
-        enabled=info.is_main,
-        resume_lines=resume_lines,
-        tensorboard=tensorboard,
-        purge_step=state.step if resume else None,
-    )
-    # The first optimizer built in a process imports torch._dynamo (about a second on a
-    # small CPU). Pay it before the run clock starts so wall-clock curves measure training.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-    runner = Runner(
-        curriculum=curriculum,
-        model=model,
-        engine=eng,
-        store=store,
-        logger=logger,
-        state=state,
-        optimizer=optimizer,
-        teacher=teacher,
-        callbacks=list(callbacks),
-        run_dir=run_path,
-        reporter=Reporter(
+    with contextlib.ExitStack() as held:
+        action = _open_run_dir(held, run_path, eng, resume, auto_resume, overwrite)
+        if action == "finished":
+            return _finished(run_path)  # resuming a finished run changes nothing
+        if info.is_main:
+            needed = rundir.checkpoint_bytes_estimate(model, config.checkpoint.keep)
+            rundir.check_writable(run_path, needed)
+        eng.barrier()
+        model.to(eng.device)
+        if teacher is None:
+            teacher = curriculum.build_teacher()
+        if teacher is not None:
+            teacher.to(eng.device).eval()
+        trainable = trainable_flags(model)
+        store = CheckpointStore(run_path / "checkpoints", keep=config.checkpoint.keep,
+                                required=LOOP_KEYS)  # fmt: skip
+        start = _starting_point(action == "resume", store, curriculum, model, eng, on_change)
+        eval_sets = preflight(
+            curriculum, model, teacher, device=eng.device, rank=info.rank,
+            world_size=info.world_size,
+        )  # fmt: skip
+        if info.is_main:  # only now: a refused resume or preflight leaves config.yaml as it was
+            text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+            atomic_write_text(run_path / "config.yaml", text)
+            (run_path / "summary.json").unlink(missing_ok=True)
+        logger = RunLogger(
+            run_path,
             enabled=info.is_main,
-            progress=progress,
-            total=curriculum.total_steps,
-            initial=state.step,
-        ),
-        trainable=trainable,
-        eval_sets=eval_sets,
-        scaler_state=scaler_state,
+            resume_lines=start.log_lines,
+            tensorboard=tensorboard,
+            purge_step=start.state.step if start.log_lines is not None else None,
+        )
+        # The first optimizer built in a process imports torch._dynamo (about a second on a
+        # small CPU). Pay it before the run clock starts so wall-clock curves measure training.
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        stop = held.enter_context(graceful_shutdown()) if handle_signals else StopRequest()
+        runner = Runner(
+            curriculum=curriculum,
+            model=model,
+            engine=eng,
+            store=store,
+            logger=logger,
+            state=start.state,
+            optimizer=start.optimizer,
+            teacher=teacher,
+            callbacks=list(callbacks),
+            run_dir=run_path,
+            reporter=Reporter(
+                enabled=info.is_main,
+                progress=progress,
+                total=curriculum.total_steps,
+                initial=start.state.step,
+            ),
+            trainable=trainable,
+            eval_sets=eval_sets,
+            scaler_state=start.scaler,
+            sampler_state=start.sampler,
+            signals=stop,
+        )
+        try:
+            completed = runner.run()
+        finally:
+            logger.close()
+    return FitResult(
+        runner.state, runner.last_metrics, run_path, completed, stop if stop.requested else None
     )
-    try:
-        completed = runner.run()
-    finally:
-        logger.close()
-    return FitResult(runner.state, runner.last_metrics, run_path, completed)
+
+
+@dataclass
+class _Start:
+    """Where a run starts: counters, optimizer, log position and saved loop state."""
+
+    state: TrainState
+    optimizer: torch.optim.Optimizer | None = None
+    log_lines: int | None = None
+    scaler: dict[str, Any] | None = None
+    sampler: dict[str, Any] | None = None
+
+
+def _open_run_dir(
+    held: contextlib.ExitStack,
+    run_path: Path,
+    eng: Engine,
+    resume: bool,
+    auto_resume: bool,
+    overwrite: bool,
+) -> str:
+    """Lock the run directory on rank 0 for the whole run and decide what it does there
+    (``fresh``, ``resume`` or ``finished``); every rank gets rank 0's decision."""
+    info = eng.info
+    outcome: tuple[str, str] = ("", "")
+    error: StageTrainError | None = None
+    if info.is_main:
+        # After a torchrun restart, give the dead attempt's lock a moment to be released.
+        wait = 5.0 if read_launch_env().restarted else 0.0
+        try:
+            decision = held.enter_context(
+                open_run_dir(run_path, resume=resume, auto_resume=auto_resume,
+                             overwrite=overwrite, wait_s=wait)
+            )  # fmt: skip
+            outcome = (decision.action, "")
+        except StageTrainError as exc:
+            if info.world_size == 1:
+                raise
+            error, outcome = exc, ("error", str(exc))
+    outcome = eng.gather(outcome)[0]
+    if outcome[0] == "error":
+        if error is not None:
+            raise error
+        raise StageTrainError(f"rank 0 could not open {run_path}: {outcome[1]}")
+    return outcome[0]
+
+
+def _finished(run_path: Path) -> FitResult:
+    summary = rundir.read_summary(run_path) or {}
+    state = TrainState.from_dict(summary.get("state", {}))
+    return FitResult(state, dict(summary.get("metrics", {})), run_path)
+
+
+def _starting_point(
+    resume: bool,
+    store: CheckpointStore,
+    curriculum: Curriculum,
+    model: torch.nn.Module,
+    eng: Engine,
+    on_change: OnChange,
+) -> _Start:
+    """A fresh start, or the checkpoint's state restored (after every check passed)."""
+    if not resume:
+        torch.manual_seed(curriculum.config.seed)
+        return _Start(TrainState())
+    payload, _entry = store.load_latest()
+    state = resuming.check_resume(payload, curriculum, on_change)
+    builder = resuming.optimizer_builder(curriculum, state)
+    opt_cfg = curriculum.stages[builder].config.optimizer
+    assert opt_cfg is not None
+    # Before anything is loaded or written: does the checkpoint fit this model and optimizer?
+    ensure_compatible(
+        model,
+        lambda m: build_optimizer(m.named_parameters(), opt_cfg),
+        payload,
+        context=f"resuming {store.directory.parent}"
+        + (f" with --on-change {on_change}" if on_change != "refuse" else ""),
+    )
+    optimizer = resuming.restore(payload, curriculum, model, state, eng)
+    return _Start(
+        state, optimizer, int(payload["log_lines"]), payload.get("scaler"), payload.get("sampler")
+    )
 
 
 def summary_of(run_dir: Path) -> dict[str, Any] | None:

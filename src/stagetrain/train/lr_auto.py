@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stagetrain.atomic import atomic_write_text
 from stagetrain.batch import Batch, batch_size, to_device
-from stagetrain.checkpoint import atomic_write_text
 from stagetrain.curriculum import Stage
 from stagetrain.lr_search import SearchResult, search_lr
 from stagetrain.train.step import PRECISIONS

@@ -1,10 +1,9 @@
-"""The run directory: what a fresh run, a resume and ``--overwrite`` may do to it.
+"""The run directory, as the loop sees it: write probe, space estimate, summary.
 
-A run directory holds one run: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``,
-``tb/`` and, once complete, ``summary.json``. A fresh run never writes into a
-directory that holds another run's files (they would mix: an old manifest, an old
-summary beside a new log); it is refused unless ``--resume`` or ``--overwrite``, and
-``--overwrite`` moves the old files aside instead of deleting them.
+The policy — lock, fresh / resume / finished / refused, ``--overwrite`` moving old files
+aside — is :mod:`stagetrain.rundir`'s; a run directory holds one run:
+``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``tb/`` and, once complete,
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from typing import Any
 import torch
 
 from stagetrain.errors import StageTrainError
+from stagetrain.rundir import decide_run_dir
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tb")
 SUMMARY = "summary.json"
 
 
@@ -28,38 +27,15 @@ def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{stamp}"
 
 
-def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds files of a run."""
-    return any((run_dir / name).exists() for name in RUN_FILES)
-
-
-def move_aside(run_dir: Path) -> Path:
-    """Move the run files of ``run_dir`` into ``run_dir/.replaced-<time>/``; returns it."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    aside = run_dir / f".replaced-{stamp}"
-    aside.mkdir(parents=True)
-    for name in RUN_FILES:
-        if (run_dir / name).exists():
-            shutil.move(str(run_dir / name), str(aside / name))
-    return aside
-
-
 def check_fresh(run_dir: Path, *, overwrite: bool) -> None:
-    """A fresh run may start in ``run_dir``: empty of run files, or ``overwrite`` (moved aside).
+    """A fresh run may start in ``run_dir`` (the policy of
+    :func:`stagetrain.rundir.decide_run_dir`: refused when it holds a run, unless
+    ``overwrite`` moves the old files aside).
 
     Raises:
         StageTrainError: naming the directory and the options.
     """
-    if not holds_run(run_dir):
-        return
-    if overwrite:
-        move_aside(run_dir)
-        return
-    found = ", ".join(n for n in RUN_FILES if (run_dir / n).exists())
-    raise StageTrainError(
-        f"{run_dir}: already holds a run ({found}); pass --resume (resume=True) to continue "
-        "it, or --overwrite (overwrite=True) to start over with the old files moved aside"
-    )
+    decide_run_dir(run_dir, resume=False, overwrite=overwrite)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

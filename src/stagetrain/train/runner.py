@@ -14,6 +14,7 @@ Every stage goes through the same three doors:
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from stagetrain.advance import AdvanceDecision
+from stagetrain.advance import AdvanceDecision, stage_end_message
 from stagetrain.checkpoint import CheckpointStore, atomic_write_text
 from stagetrain.config import AdvanceConfig
 from stagetrain.curriculum import Curriculum, Stage
@@ -30,6 +31,7 @@ from stagetrain.evaluation import EvalSet
 from stagetrain.handoff import apply_freeze, builds_optimizer, enter_stage
 from stagetrain.logs import RunLogger
 from stagetrain.optim import apply_lr
+from stagetrain.signals import StopRequest
 from stagetrain.state import TrainState
 from stagetrain.stepdata import stage_batches
 from stagetrain.time import Counters, Duration, Interval
@@ -72,6 +74,8 @@ class Runner:
         trainable: dict[str, bool],
         eval_sets: dict[str, EvalSet],
         scaler_state: dict[str, Any] | None = None,
+        sampler_state: dict[str, Any] | None = None,
+        signals: StopRequest | None = None,
     ) -> None:
         self.curriculum = curriculum
         self.config = curriculum.config
@@ -91,6 +95,12 @@ class Runner:
         if scaler_state is not None and self.steps.scaler is not None:
             self.steps.scaler.load_state_dict(scaler_state)  # fp16: the loss scale continues
         self.guard = NonFiniteGuard(self.config.nonfinite, engine)
+        self.signals = signals if signals is not None else StopRequest()
+        if sampler_state is not None and state.stage_index < len(curriculum.stages):
+            # A scheduled mixture's cursor at the resumed step: no recomputation of its past.
+            restore = getattr(curriculum.stages[state.stage_index].sampler, "restore", None)
+            if restore is not None:
+                restore(sampler_state)
         self.checkpoint_every = Interval(self.config.checkpoint.every, field="checkpoint.every")
         self.meter = IntervalMeter(engine)
         self.evals = Evaluations(
@@ -272,6 +282,8 @@ class Runner:
                 self.log_train(stage, lr, norm)
             if self.callbacks:
                 self.emit("on_step_end")
+            if self.signals.installed and self._signalled(log_every):
+                self.context.stop = (True, True)  # a scheduler's SIGTERM: checkpoint, then stop
             if self.context.stop is not None:
                 self.stop()
                 return None
@@ -294,17 +306,29 @@ class Runner:
                 self.checkpoint(stage)
         return Ending("duration", f"reached its duration {cfg.duration}")
 
+    def _signalled(self, every: int) -> bool:
+        """Whether a stop signal arrived (every rank stops at the same step: in a
+        distributed run the flag is agreed every ``every`` steps, a host sync already)."""
+        if self.engine.info.world_size == 1:
+            return self.signals.requested
+        if self.state.step % every:
+            return False
+        if self.engine.any(self.signals.requested):
+            if not self.signals.requested:  # another rank got it: stop for the same reason
+                self.signals.request(signal.SIGTERM)
+            return True
+        return False
+
     def end_stage(self, stage: Stage, ending: Ending) -> None:
         """The only exit of a stage: flush the guard, evaluate, log, checkpoint."""
         self.guard.flush()
         for ev in self.curriculum.evals_for(stage):
             if self.last_eval_step.get(ev.name) != self.state.step:
                 self.evaluate(stage, self.eval_sets[ev.name])
-        message = f"stage {stage.name!r} ended at step {self.state.step:,}: {ending.detail}"
+        decision = AdvanceDecision(ending.early, ending.reason, ending.detail)
         if ending.early:
-            message += f" ({ending.reason}; planned up to {stage.steps:,} stage steps)"
             self.reporter.shrink(stage.steps - self.state.stage_step)
-        self.reporter.line(message)
+        self.reporter.line(stage_end_message(stage.name, self.state.step, decision, stage.steps))
         self.logger.log(
             self.record(
                 "stage_end",
@@ -344,6 +368,9 @@ class Runner:
     def log_train(self, stage: Stage, lr: float, norm: torch.Tensor | None) -> None:
         self.guard.flush()
         fields = self.meter.fields(self.state, lr, norm)
+        by_source = stage.source_tokens(self.state.stage_step)
+        if by_source is not None:  # e.g. did stage 2 really see 70 % / 30 %?
+            fields.update({f"source_tokens/{label}": n for label, n in by_source.items()})
         record = self.record("train", stage, **fields, time=self.elapsed())
         self.logger.log(record)
         self.reporter.train(record)
@@ -378,6 +405,9 @@ class Runner:
                 world_size=self.engine.info.world_size,
                 scaler=self.steps.scaler,
             )
+            sampler_state = getattr(self.current_stage.sampler, "resume_state", None)
+            if sampler_state is not None and self.state.stage_index < len(self.curriculum.stages):
+                payload["sampler"] = sampler_state(self.state.stage_step)
             path = self.store.save(payload, step=self.state.step, stage=stage.name)
             self.emit("on_checkpoint", path)
         self.engine.barrier()

@@ -1,0 +1,302 @@
+"""Nemotron Elastic on a Hugging Face Llama: budgets over seeds, exports loaded back.
+
+    python benchmarks/elastic_llama.py [--quick] [--seeds 5]
+
+1. trains the teacher, a ``LlamaForCausalLM`` from a ``LlamaConfig``
+   (examples/elastic_llama_teacher.yaml), with ``stagetrain run`` unless
+   runs/bench/elastic-llama[-quick]/teacher holds a finished run;
+2. for each seed trains the nested parent (examples/elastic_llama.yaml: stage 1 context
+   64 with budgets uniform, stage 2 context 256 with budgets 0.5 / 0.3 / 0.2) three
+   times: ``paper`` — router loss weight 1 (the paper's ``task + 1.0 x router``), the
+   router alone chooses; ``own`` — router loss weight 10 (as configured), the router
+   alone chooses (``router.project`` off); ``projected`` — as configured: weight 10, and
+   the router pins every budget to the nearest configuration within 5 % of its target
+   when its anneal ends, training going on at those sizes;
+3. per run and budget: the chosen configuration against its target (also after
+   projecting it at the end, as ``stagetrain extract --project`` would), the
+   validation loss at that budget, and the extraction of mid and small written as a
+   Hugging Face directory, loaded back with ``AutoModelForCausalLM.from_pretrained``
+   and compared with the masked parent.
+
+The nested runs go through :func:`stagetrain.recipes.elastic.train_nested` (our own loop
+over ``Curriculum.steps()``, the budget of each sample from its mixture source) until
+``fit()`` passes dict batches; then ``stagetrain run examples/elastic_llama.yaml`` is the
+same run. ``--quick`` shrinks the model (hidden 48, 2 layers) and every duration.
+Writes benchmarks/results/elastic-llama[-quick].md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from recipes import EXAMPLES, RESULTS, ROOT, write_result
+
+from stagetrain.elastic import check_budgets, extract, save_hf
+from stagetrain.recipes.elastic import train_nested, validation_loss
+
+QUICK_MODEL = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+               "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
+QUICK_CHOICES = {"width": [24, 28, 32, 36, 40, 44, 48], "heads": [2, 4, 6],
+                 "ffn": [32, 48, 64, 80, 96], "depth": [1, 2]}  # fmt: skip
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load((EXAMPLES / name).read_text())
+
+
+def teacher_config(quick: bool) -> dict[str, Any]:
+    config = load("elastic_llama_teacher.yaml")
+    if quick:
+        config["model"]["args"]["config"].update(QUICK_MODEL)
+        config.update(batch_size=16, eval_every="65536tok")
+        config["stages"][0].update(duration="6.0e5tok")
+        config["stages"][0]["optimizer"]["warmup"] = "10ba"
+    return config
+
+
+ARMS = {"paper": (False, 1.0), "own": (False, None), "projected": (True, None)}
+"""Arm -> (router.project as configured, router loss weight: None = as configured)."""
+
+
+def nested_config(
+    quick: bool, teacher_dir: Path, seed: int, project: bool, weight: float | None = None
+) -> dict[str, Any]:
+    config = load("elastic_llama.yaml")
+    config["seed"] = seed
+    args = config["model"]["args"]
+    args["weights"] = str(teacher_dir)
+    config["teacher"]["args"]["weights"] = str(teacher_dir)
+    if quick:
+        args["config"].update(QUICK_MODEL)
+        config["teacher"]["args"]["config"] = copy.deepcopy(args["config"])
+        args["choices"] = QUICK_CHOICES
+        args["router"].update(anneal_forwards=80)
+        config["batch_size"] = 16
+        for stage in config["stages"]:
+            stage["duration"] = "1.0e5tok"
+            if "batch_size" in stage:
+                stage["batch_size"] = 8
+        config["stages"][0]["optimizer"]["warmup"] = "5ba"
+    if not project:
+        args["router"].pop("project", None)
+    if weight is not None:
+        for stage in config["stages"]:
+            for term in stage["loss"]:
+                if term["name"].endswith("router_loss"):
+                    term["weight"] = weight
+    return config
+
+
+def train_teacher(config: dict[str, Any], run_dir: Path) -> float:
+    """Run the teacher (reusing a finished run of exactly this config); its seconds."""
+    path = run_dir.parent / "teacher.yaml"
+    done = run_dir.parent / "teacher.done"  # the config text, written once the run finished
+    text = yaml.safe_dump(config, sort_keys=False)
+    if done.exists() and done.read_text() == text:
+        return float(json.loads((run_dir / "summary.json").read_text())["state"]["elapsed_s"])
+    # Not run, changed, or interrupted: start over (it would measure something else).
+    shutil.rmtree(run_dir, ignore_errors=True)
+    done.unlink(missing_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "stagetrain.cli", "run", str(path), "--run-dir",
+               str(run_dir), "--no-progress"]  # fmt: skip
+    with open(run_dir.parent / "teacher.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    done.write_text(text)
+    return time.perf_counter() - start
+
+
+def measure(config: dict[str, Any], context: int, samples: int) -> dict[str, Any]:
+    """Train one nested run and measure its budgets, losses and exports."""
+    start = time.perf_counter()
+    run = train_nested(config)
+    seconds = time.perf_counter() - start
+    parent = run.model
+    own = {s.name: s for s in check_budgets(parent, 0.05)}
+    losses = {name: validation_loss(parent, budget=name, context=context, samples=samples)
+              for name in own}  # fmt: skip
+    assert parent.router is not None
+    was_pinned = bool((parent.router.pinned >= 0).all())
+    if not was_pinned:
+        parent.router.project(0.05, parent.layer_rank)
+    final = {s.name: s for s in check_budgets(parent, 0.05)}
+    exports = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in list(final)[1:]:
+            child = extract(parent, name)
+            save_hf(child, parent.family, Path(tmp) / name, tokenizer="bytes")
+            from transformers import AutoModelForCausalLM
+
+            loaded = AutoModelForCausalLM.from_pretrained(Path(tmp) / name).eval()
+            ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                diff = float((loaded(ids).logits - parent(input_ids=ids, budget=name)).abs().max())
+            exports[name] = {
+                "layout": child.layout(),
+                "max_abs_diff": diff,
+                "val_loss": validation_loss(loaded, context=context, samples=samples),
+            }
+    return {
+        "seconds": seconds,
+        "own": {n: s.to_dict() for n, s in own.items()},
+        "final": {n: s.to_dict() for n, s in final.items()},
+        "projected_in_training": was_pinned,
+        "val_loss": losses,
+        "exports": exports,
+    }
+
+
+def spread(values: list[float], digits: int = 4) -> str:
+    median = statistics.median(values)
+    return f"{median:.{digits}f} ({min(values):.{digits}f} – {max(values):.{digits}f})"
+
+
+def pct(values: list[float]) -> str:
+    return (f"{statistics.median(values):+.1%} ({min(values):+.1%} – {max(values):+.1%}); "
+            f"largest miss {max(abs(v) for v in values):.1%}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, short runs")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds (default 5 quick, 3 full)")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rewrite the Markdown from the saved JSON"
+    )
+    args = parser.parse_args()
+    stem = "elastic-llama-quick" if args.quick else "elastic-llama"
+    if args.tables_only:
+        data = json.loads((RESULTS / f"{stem}.json").read_text())
+        write_result("elastic-llama", args.quick, render(data, args.quick), data)
+        return
+    seeds = list(range(args.seeds or (5 if args.quick else 3)))
+    root = ROOT / "runs" / "bench" / ("elastic-llama-quick" if args.quick else "elastic-llama")
+    context = 256
+    samples = 64 if args.quick else 128
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print(f"== teacher -> {root / 'teacher'}", flush=True)
+    teacher_seconds = train_teacher(teacher_config(args.quick), root / "teacher")
+    from stagetrain.elastic.hf import hf_causal_lm
+
+    teacher_args = nested_config(args.quick, root / "teacher", 0, True)["teacher"]["args"]
+    teacher = hf_causal_lm(**teacher_args).eval()
+    teacher_loss = validation_loss(teacher, context=context, samples=samples)
+    results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    for seed in seeds:
+        for arm, (project, weight) in ARMS.items():
+            print(f"== seed {seed}: nested, {arm}", flush=True)
+            config = nested_config(args.quick, root / "teacher", seed, project, weight)
+            result = measure(config, context, samples)
+            result["seed"] = seed
+            results[arm].append(result)
+            for name, status in result["final"].items():
+                print(
+                    f"  {name}: {status['off_target']:+.1%} off, val {result['val_loss'][name]:.4f}"
+                )
+    data = {"teacher_val_loss": teacher_loss, "seeds": seeds, "results": results,
+            "teacher_seconds": teacher_seconds, "teacher": teacher_args["config"],
+            "context": context}  # fmt: skip
+    write_result("elastic-llama", args.quick, render(data, args.quick), data)
+
+
+def render(data: dict[str, Any], quick: bool) -> str:
+    """The Markdown of a result (``--tables-only`` redraws it from the JSON)."""
+    results: dict[str, list[dict[str, Any]]] = data["results"]
+    seeds, teacher_loss, context = data["seeds"], data["teacher_val_loss"], data["context"]
+    teacher_seconds, sizes = data["teacher_seconds"], data["teacher"]
+    budgets = list(results["own"][0]["own"])
+    lines = [
+        f"### elastic-llama ({'quick' if quick else 'full'})",
+        "",
+        f"Command: `python benchmarks/elastic_llama.py{' --quick' if quick else ''}`. "
+        f"Teacher: LlamaForCausalLM (hidden {sizes['hidden_size']}, {sizes['num_attention_heads']} "
+        f"query heads sharing {sizes['num_key_value_heads']} key/value heads of "
+        f"{sizes['head_dim']}, SwiGLU {sizes['intermediate_size']}, "
+        f"{sizes['num_hidden_layers']} layers; bytes as tokens), validation loss "
+        f"{teacher_loss:.4f} at context {context}. Nested runs through "
+        "`train_nested` (the two-stage curriculum of examples/elastic_llama.yaml"
+        f"{', durations shrunk' if quick else ''}), seeds {seeds}. Cells: median "
+        "(min – max) over seeds.",
+        "",
+        "Budgets against their parameter targets (tolerance 5 %), off target = "
+        "params / (target x full) - 1. `paper`: router loss weight 1, the router's own "
+        "choice; `own`: weight 10 (as configured), own choice; `projected`: weight 10 and "
+        "`router.project: 0.05` (pinned at the end of the anneal, then trained on); "
+        "`+ extract --project`: the own choice projected after training:",
+        "",
+        "| budget | target | paper | paper + extract --project | own | own + extract --project | projected |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name in budgets[1:]:
+        cells = []
+        for arm in ARMS:
+            cells.append(pct([r["own"][name]["off_target"] for r in results[arm]]))
+            if arm != "projected":
+                cells.append(pct([r["final"][name]["off_target"] for r in results[arm]]))
+        target = results["own"][0]["own"][name]["target"]
+        lines.append(f"| {name} | {target:.2f} | " + " | ".join(cells) + " |")
+    for arm in ARMS:
+        outside = sum(not r["own"][n]["ok"] for r in results[arm] for n in budgets[1:])
+        lines.append("")
+        lines.append(
+            f"`{arm}`: the router's choice missed the 5 % tolerance in {outside} of "
+            f"{len(seeds) * (len(budgets) - 1)} (seed, budget) cases"
+            + ("." if arm == "projected" else "; `stagetrain extract` refuses those unless "
+               "`--project` or `--allow-off-target`.")
+        )  # fmt: skip
+    lines += [
+        "",
+        "Validation loss per budget (context 256):",
+        "",
+        "| budget | " + " | ".join(ARMS) + " | teacher |",
+        "|---|" + "---|" * len(ARMS) + "---|",
+    ]
+    for name in budgets:
+        cells = [spread([r["val_loss"][name] for r in results[arm]]) for arm in ARMS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {teacher_loss:.4f} |")
+    diffs = [
+        e["max_abs_diff"] for arm in results.values() for r in arm for e in r["exports"].values()
+    ]
+    gaps = [
+        abs(e["val_loss"] - r["val_loss"][n])
+        for r in results["projected"]
+        for n, e in r["exports"].items()
+    ]
+    lines += [
+        "",
+        "Exports: mid and small of every run written with `save_hf` (the Hugging Face "
+        "format `stagetrain extract --format hf` writes) and loaded back with "
+        f"`AutoModelForCausalLM.from_pretrained`: max |loaded − masked parent| logit "
+        f"difference {max(diffs):.1e}; validation loss of the loaded model against the masked "
+        f"parent at that budget: max difference {max(gaps):.1e}.",
+        "",
+        "Wall-clock seconds: teacher "
+        f"{teacher_seconds:.0f}; nested runs "
+        + ", ".join(f"{arm} {spread([r['seconds'] for r in rs], 0)}" for arm, rs in results.items())
+        + ".",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
