@@ -84,7 +84,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_lr_find(args: argparse.Namespace) -> int:
     from stagetrain.config import load_config
     from stagetrain.curriculum import Curriculum
-    from stagetrain.lr_find import lr_find
+    from stagetrain.train.lr_find import lr_find
 
     curriculum = Curriculum(load_config(args.config))
     out = args.out or Path("runs") / f"lr-find-{args.config.stem}"
@@ -98,7 +98,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def _add_lr_find(sub: argparse._SubParsersAction) -> None:
-    """``lr-find`` (stagetrain.lr_find)."""
+    """``lr-find`` (stagetrain.train.lr_find)."""
     lrf = sub.add_parser("lr-find", help="run one stage's LR search (lr: auto) and plot it")
     lrf.add_argument("config", type=Path, help="curriculum file (.yaml or .toml)")
     lrf.add_argument("--stage", required=True, help="the stage's name")
