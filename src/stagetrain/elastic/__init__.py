@@ -18,6 +18,7 @@ Supported model families: Hugging Face ``LlamaForCausalLM`` and ``GPT2LMHeadMode
 """
 
 from stagetrain.elastic.budgets import BudgetCheck, BudgetError, BudgetStatus, check_budgets
+from stagetrain.elastic.export import ExtractionReport, extract_run, load_elastic_run
 from stagetrain.elastic.extract import (
     extract,
     load_extracted,
@@ -39,9 +40,12 @@ __all__ = [
     "CausalLM",
     "ElasticGPT",
     "ElasticModel",
+    "ExtractionReport",
     "Importance",
     "check_budgets",
     "extract",
+    "extract_run",
+    "load_elastic_run",
     "load_extracted",
     "param_count",
     "rank_and_permute",
