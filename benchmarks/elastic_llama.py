@@ -56,7 +56,8 @@ from stagetrain.recipes.elastic import validation_loss
 
 QUICK_MODEL = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
                "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
-QUICK_CHOICES = {"width": [24, 28, 32, 36, 40, 44, 48], "heads": [2, 4, 6],
+# Widths: multiples of every heads choice, as in the example (a Hugging Face export).
+QUICK_CHOICES = {"width": [24, 36, 48], "heads": [2, 4, 6],
                  "ffn": [32, 48, 64, 80, 96], "depth": [1, 2]}  # fmt: skip
 
 

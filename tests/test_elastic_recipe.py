@@ -28,7 +28,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 TINY = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8,
         "max_position_embeddings": 64}  # fmt: skip
-TINY_CHOICES = {"width": [24, 32, 40, 48], "heads": [2, 4, 6], "ffn": [32, 64, 96],
+TINY_CHOICES = {"width": [24, 36, 48], "heads": [2, 4, 6], "ffn": [32, 64, 96],
                 "depth": [1, 2]}  # fmt: skip
 ROUTER_TERM = "stagetrain.elastic.losses:router_loss"
 
@@ -156,8 +156,13 @@ def test_extract_command_on_a_barely_trained_run(
     capsys.readouterr()
     out = tmp_path / "small"
     base = ["extract", str(run_dir), "--budget", "small", "--out", str(out), "--format", "hf"]
-    # Four steps leave the router far from its targets: refused, with a way out.
-    code = main([*base, "--tolerance", "0.001"])
+    # Four steps do not train the router: its choice is refused at a tolerance below its
+    # miss (a one-line error with a way out), and --project pins it within 5 %.
+    parent: Any = load_elastic_run(run_dir)
+    assert int(parent.router.forwards) == 4
+    small = next(s for s in check_budgets(parent) if s.name == "small")
+    assert small.off_target != 0, small.line()
+    code = main([*base, "--tolerance", f"{abs(small.off_target) / 2}"])
     err = capsys.readouterr().err
     assert code == 2 and "off its parameter target" in err and "--project" in err
     assert not out.exists()
