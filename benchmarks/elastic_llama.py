@@ -1,6 +1,6 @@
 """Nemotron Elastic on a Hugging Face Llama: budgets over seeds, exports loaded back.
 
-    python benchmarks/elastic_llama.py [--quick] [--seeds 5]
+    python benchmarks/elastic_llama.py [--quick] [--seeds 5] [--estimate]
 
 1. trains the teacher, a ``LlamaForCausalLM`` from a ``LlamaConfig``
    (examples/elastic_llama_teacher.yaml), with ``stagetrain run`` unless
@@ -25,7 +25,9 @@ The nested runs are the production path: :func:`stagetrain.fit` in-process (what
 it (:func:`~stagetrain.elastic.load_elastic_run`) and mid and small are exported by
 :func:`~stagetrain.elastic.extract_run` with ``format="hf"`` (``stagetrain extract
 --format hf``; ``project`` when the router did not pin itself). ``--quick`` shrinks the
-model (hidden 48, 2 layers) and every duration. Writes
+model (hidden 48, 2 layers) and every duration; ``--estimate`` times a few steps of the
+full variant's configs and projects its training time
+(benchmarks/results/elastic-llama-estimate.md). Writes
 benchmarks/results/elastic-llama[-quick].md and .json.
 """
 
@@ -52,6 +54,7 @@ from recipes import EXAMPLES, RESULTS, ROOT, write_result
 
 from stagetrain import Curriculum, fit, parse_config
 from stagetrain.elastic import check_budgets, extract_run, load_elastic_run
+from stagetrain.logs import read_records
 from stagetrain.recipes.elastic import validation_loss
 
 QUICK_MODEL = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -184,6 +187,60 @@ def pct(values: list[float]) -> str:
             f"largest miss {max(abs(v) for v in values):.1%}")  # fmt: skip
 
 
+def step_times(config: dict[str, Any], steps: int = 8) -> dict[str, float]:
+    """Median seconds per training step of each stage of ``config`` (through
+    :func:`stagetrain.fit`, ``steps`` steps per stage, no evaluations; the run's first
+    logged step, which pays one-off costs, left out)."""
+    config = copy.deepcopy(config)
+    config.update(evals=[], log_every=1)
+    for stage in config["stages"]:
+        stage["duration"] = f"{steps}ba"
+    with tempfile.TemporaryDirectory() as tmp:
+        curriculum = Curriculum(parse_config(config), progress=False)
+        model = curriculum.build_model()
+        fit(model, curriculum, run_dir=Path(tmp) / "run", progress=False, tensorboard=False)
+        records = read_records(Path(tmp) / "run" / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"][1:]
+    return {
+        stage["name"]: statistics.median(
+            r["step_time"] for r in train if r["stage"] == stage["name"]
+        )
+        for stage in config["stages"]
+    }
+
+
+def estimate(seeds: int) -> None:
+    """``--estimate``: the full variant's training time projected from timed steps of its
+    configs (teacher and nested parent at the example's sizes, untrained weights)."""
+    teacher = teacher_config(False)
+    nested = nested_config(False, Path("unused"), 0, True)
+    nested["model"]["args"]["weights"] = None
+    nested["teacher"]["args"]["weights"] = None
+    rows, total = [], 0.0
+    for name, config, runs in (("teacher", teacher, 1), ("nested", nested, seeds * len(ARMS))):
+        times = step_times(config)
+        curriculum = Curriculum(parse_config(config), progress=False)
+        seconds = sum(s.steps * times[s.name] for s in curriculum.stages)
+        total += runs * seconds
+        for s in curriculum.stages:
+            rows.append(f"| {name} | {s.name} | {s.steps} | {times[s.name]:.2f} | {runs} |")
+    lines = [
+        "### elastic-llama (full): time estimate",
+        "",
+        "Command: `python benchmarks/elastic_llama.py --estimate`: 8 timed steps per stage of "
+        f"the full variant's configs through `stagetrain.fit`, projected to {seeds} seeds x "
+        f"{len(ARMS)} arms.",
+        "",
+        "| run | stage | steps | s per step (median) | runs |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Projected training time: {total / 60:.0f} min (evaluations, importance ranking and "
+        "exports come on top).",
+    ]
+    write_result("elastic-llama-estimate", False, "\n".join(lines), {"total_s": total})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, short runs")
@@ -191,7 +248,14 @@ def main() -> None:
     parser.add_argument(
         "--tables-only", action="store_true", help="rewrite the Markdown from the saved JSON"
     )
+    parser.add_argument(
+        "--estimate", action="store_true", help="time a few steps, project the full run"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if args.estimate:
+        estimate(args.seeds or 3)
+        return
     stem = "elastic-llama-quick" if args.quick else "elastic-llama"
     if args.tables_only:
         data = json.loads((RESULTS / f"{stem}.json").read_text())
@@ -201,7 +265,6 @@ def main() -> None:
     root = ROOT / "runs" / "bench" / ("elastic-llama-quick" if args.quick else "elastic-llama")
     context = 256
     samples = 64 if args.quick else 128
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -244,10 +307,10 @@ def render(data: dict[str, Any], quick: bool) -> str:
         f"query heads sharing {sizes['num_key_value_heads']} key/value heads of "
         f"{sizes['head_dim']}, SwiGLU {sizes['intermediate_size']}, "
         f"{sizes['num_hidden_layers']} layers; bytes as tokens), validation loss "
-        f"{teacher_loss:.4f} at context {context}. Nested runs through "
-        f"{data.get('path', '`train_nested` (an own loop)')} (the two-stage curriculum of "
-        f"examples/elastic_llama.yaml{', durations shrunk' if quick else ''}), seeds "
-        f"{seeds}. Cells: median (min – max) over seeds.",
+        f"{teacher_loss:.4f} at context {context}. Nested runs: the two-stage curriculum "
+        f"of examples/elastic_llama.yaml{' (durations shrunk)' if quick else ''} through "
+        f"{data.get('path', '`train_nested` (an own loop)')}; seeds {seeds}. Cells: median "
+        "(min – max) over seeds.",
         "",
         "Budgets against their parameter targets (tolerance 5 %), off target = "
         "params / (target x full) - 1. `paper`: router loss weight 1, the router's own "
