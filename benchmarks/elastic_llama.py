@@ -1,6 +1,6 @@
 """Nemotron Elastic on a Hugging Face Llama: budgets over seeds, exports loaded back.
 
-    python benchmarks/elastic_llama.py [--quick] [--seeds 5]
+    python benchmarks/elastic_llama.py [--quick] [--seeds 5] [--estimate]
 
 1. trains the teacher, a ``LlamaForCausalLM`` from a ``LlamaConfig``
    (examples/elastic_llama_teacher.yaml), with ``stagetrain run`` unless
@@ -18,11 +18,17 @@
    Hugging Face directory, loaded back with ``AutoModelForCausalLM.from_pretrained``
    and compared with the masked parent.
 
-The nested runs go through :func:`stagetrain.recipes.elastic.train_nested` (our own loop
-over ``Curriculum.steps()``, the budget of each sample from its mixture source) until
-``fit()`` passes dict batches; then ``stagetrain run examples/elastic_llama.yaml`` is the
-same run. ``--quick`` shrinks the model (hidden 48, 2 layers) and every duration.
-Writes benchmarks/results/elastic-llama[-quick].md and .json.
+The nested runs are the production path: :func:`stagetrain.fit` in-process (what
+``stagetrain run examples/elastic_llama.yaml`` calls, without a new interpreter per run),
+``elastic_text`` dict items ``{"input_ids", "labels", "budget"}`` called as
+``model(**batch)``; each run directory is then read back as ``stagetrain extract`` reads
+it (:func:`~stagetrain.elastic.load_elastic_run`) and mid and small are exported by
+:func:`~stagetrain.elastic.extract_run` with ``format="hf"`` (``stagetrain extract
+--format hf``; ``project`` when the router did not pin itself). ``--quick`` shrinks the
+model (hidden 48, 2 layers) and every duration; ``--estimate`` times a few steps of the
+full variant's configs and projects its training time
+(benchmarks/results/elastic-llama-estimate.md). Writes
+benchmarks/results/elastic-llama[-quick].md and .json.
 """
 
 from __future__ import annotations
@@ -46,12 +52,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from recipes import EXAMPLES, RESULTS, ROOT, write_result
 
-from stagetrain.elastic import check_budgets, extract, save_hf
-from stagetrain.recipes.elastic import train_nested, validation_loss
+from stagetrain import Curriculum, fit, parse_config
+from stagetrain.elastic import check_budgets, extract_run, load_elastic_run
+from stagetrain.logs import read_records
+from stagetrain.recipes.elastic import validation_loss
 
 QUICK_MODEL = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
                "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
-QUICK_CHOICES = {"width": [24, 28, 32, 36, 40, 44, 48], "heads": [2, 4, 6],
+# Widths: multiples of every heads choice, as in the example (a Hugging Face export).
+QUICK_CHOICES = {"width": [24, 36, 48], "heads": [2, 4, 6],
                  "ffn": [32, 48, 64, 80, 96], "depth": [1, 2]}  # fmt: skip
 
 
@@ -68,6 +77,12 @@ def teacher_config(quick: bool) -> dict[str, Any]:
         config["stages"][0]["optimizer"]["warmup"] = "10ba"
     return config
 
+
+PATH = (
+    "`stagetrain.fit` (dict items with the budget beside the tokens; exports by "
+    "`stagetrain extract --format hf`)"
+)
+"""How the nested runs were trained, as the results state it."""
 
 ARMS = {"paper": (False, 1.0), "own": (False, None), "projected": (True, None)}
 """Arm -> (router.project as configured, router loss weight: None = as configured)."""
@@ -123,34 +138,33 @@ def train_teacher(config: dict[str, Any], run_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(config: dict[str, Any], context: int, samples: int) -> dict[str, Any]:
-    """Train one nested run and measure its budgets, losses and exports."""
+def measure(config: dict[str, Any], run_dir: Path, context: int, samples: int) -> dict[str, Any]:
+    """Train one nested run with :func:`stagetrain.fit` into ``run_dir`` and measure its
+    budgets, losses and Hugging Face exports."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: it measures this config
+    curriculum = Curriculum(parse_config(config), progress=False)
+    model = curriculum.build_model()
     start = time.perf_counter()
-    run = train_nested(config)
+    fit(model, curriculum, run_dir=run_dir, progress=False, tensorboard=False)
     seconds = time.perf_counter() - start
-    parent = run.model
+    parent: Any = load_elastic_run(run_dir)  # the run as stagetrain extract reads it
     own = {s.name: s for s in check_budgets(parent, 0.05)}
     losses = {name: validation_loss(parent, budget=name, context=context, samples=samples)
               for name in own}  # fmt: skip
-    assert parent.router is not None
     was_pinned = bool((parent.router.pinned >= 0).all())
-    if not was_pinned:
-        parent.router.project(0.05, parent.layer_rank)
-    final = {s.name: s for s in check_budgets(parent, 0.05)}
-    exports = {}
+    final, exports = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in list(final)[1:]:
-            child = extract(parent, name)
-            save_hf(child, parent.family, Path(tmp) / name, tokenizer="bytes")
-            from transformers import AutoModelForCausalLM
-
-            loaded = AutoModelForCausalLM.from_pretrained(Path(tmp) / name).eval()
-            ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                diff = float((loaded(ids).logits - parent(input_ids=ids, budget=name)).abs().max())
+        for name in list(own)[1:]:
+            out = Path(tmp) / name
+            # stagetrain extract --format hf [--project]: checked, written, loaded back.
+            report = extract_run(run_dir, name, out, format="hf", project=not was_pinned)
+            final[name] = report.status
+            loaded = AutoModelForCausalLM.from_pretrained(out).eval()
             exports[name] = {
-                "layout": child.layout(),
-                "max_abs_diff": diff,
+                "layout": report.layout,
+                "max_abs_diff": report.reloaded_diff,
                 "val_loss": validation_loss(loaded, context=context, samples=samples),
             }
     return {
@@ -173,6 +187,60 @@ def pct(values: list[float]) -> str:
             f"largest miss {max(abs(v) for v in values):.1%}")  # fmt: skip
 
 
+def step_times(config: dict[str, Any], steps: int = 8) -> dict[str, float]:
+    """Median seconds per training step of each stage of ``config`` (through
+    :func:`stagetrain.fit`, ``steps`` steps per stage, no evaluations; the run's first
+    logged step, which pays one-off costs, left out)."""
+    config = copy.deepcopy(config)
+    config.update(evals=[], log_every=1)
+    for stage in config["stages"]:
+        stage["duration"] = f"{steps}ba"
+    with tempfile.TemporaryDirectory() as tmp:
+        curriculum = Curriculum(parse_config(config), progress=False)
+        model = curriculum.build_model()
+        fit(model, curriculum, run_dir=Path(tmp) / "run", progress=False, tensorboard=False)
+        records = read_records(Path(tmp) / "run" / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"][1:]
+    return {
+        stage["name"]: statistics.median(
+            r["step_time"] for r in train if r["stage"] == stage["name"]
+        )
+        for stage in config["stages"]
+    }
+
+
+def estimate(seeds: int) -> None:
+    """``--estimate``: the full variant's training time projected from timed steps of its
+    configs (teacher and nested parent at the example's sizes, untrained weights)."""
+    teacher = teacher_config(False)
+    nested = nested_config(False, Path("unused"), 0, True)
+    nested["model"]["args"]["weights"] = None
+    nested["teacher"]["args"]["weights"] = None
+    rows, total = [], 0.0
+    for name, config, runs in (("teacher", teacher, 1), ("nested", nested, seeds * len(ARMS))):
+        times = step_times(config)
+        curriculum = Curriculum(parse_config(config), progress=False)
+        seconds = sum(s.steps * times[s.name] for s in curriculum.stages)
+        total += runs * seconds
+        for s in curriculum.stages:
+            rows.append(f"| {name} | {s.name} | {s.steps} | {times[s.name]:.2f} | {runs} |")
+    lines = [
+        "### elastic-llama (full): time estimate",
+        "",
+        "Command: `python benchmarks/elastic_llama.py --estimate`: 8 timed steps per stage of "
+        f"the full variant's configs through `stagetrain.fit`, projected to {seeds} seeds x "
+        f"{len(ARMS)} arms.",
+        "",
+        "| run | stage | steps | s per step (median) | runs |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Projected training time: {total / 60:.0f} min (evaluations, importance ranking and "
+        "exports come on top).",
+    ]
+    write_result("elastic-llama-estimate", False, "\n".join(lines), {"total_s": total})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, short runs")
@@ -180,7 +248,14 @@ def main() -> None:
     parser.add_argument(
         "--tables-only", action="store_true", help="rewrite the Markdown from the saved JSON"
     )
+    parser.add_argument(
+        "--estimate", action="store_true", help="time a few steps, project the full run"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if args.estimate:
+        estimate(args.seeds or 3)
+        return
     stem = "elastic-llama-quick" if args.quick else "elastic-llama"
     if args.tables_only:
         data = json.loads((RESULTS / f"{stem}.json").read_text())
@@ -190,7 +265,6 @@ def main() -> None:
     root = ROOT / "runs" / "bench" / ("elastic-llama-quick" if args.quick else "elastic-llama")
     context = 256
     samples = 64 if args.quick else 128
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -206,7 +280,7 @@ def main() -> None:
         for arm, (project, weight) in ARMS.items():
             print(f"== seed {seed}: nested, {arm}", flush=True)
             config = nested_config(args.quick, root / "teacher", seed, project, weight)
-            result = measure(config, context, samples)
+            result = measure(config, root / f"seed{seed}-{arm}", context, samples)
             result["seed"] = seed
             results[arm].append(result)
             for name, status in result["final"].items():
@@ -215,7 +289,7 @@ def main() -> None:
                 )
     data = {"teacher_val_loss": teacher_loss, "seeds": seeds, "results": results,
             "teacher_seconds": teacher_seconds, "teacher": teacher_args["config"],
-            "context": context}  # fmt: skip
+            "context": context, "path": PATH}  # fmt: skip
     write_result("elastic-llama", args.quick, render(data, args.quick), data)
 
 
@@ -233,9 +307,9 @@ def render(data: dict[str, Any], quick: bool) -> str:
         f"query heads sharing {sizes['num_key_value_heads']} key/value heads of "
         f"{sizes['head_dim']}, SwiGLU {sizes['intermediate_size']}, "
         f"{sizes['num_hidden_layers']} layers; bytes as tokens), validation loss "
-        f"{teacher_loss:.4f} at context {context}. Nested runs through "
-        "`train_nested` (the two-stage curriculum of examples/elastic_llama.yaml"
-        f"{', durations shrunk' if quick else ''}), seeds {seeds}. Cells: median "
+        f"{teacher_loss:.4f} at context {context}. Nested runs: the two-stage curriculum "
+        f"of examples/elastic_llama.yaml{' (durations shrunk)' if quick else ''} through "
+        f"{data.get('path', '`train_nested` (an own loop)')}; seeds {seeds}. Cells: median "
         "(min – max) over seeds.",
         "",
         "Budgets against their parameter targets (tolerance 5 %), off target = "
@@ -284,8 +358,8 @@ def render(data: dict[str, Any], quick: bool) -> str:
     ]
     lines += [
         "",
-        "Exports: mid and small of every run written with `save_hf` (the Hugging Face "
-        "format `stagetrain extract --format hf` writes) and loaded back with "
+        "Exports: mid and small of every run written in the Hugging Face format "
+        "(`stagetrain extract --format hf`) and loaded back with "
         f"`AutoModelForCausalLM.from_pretrained`: max |loaded − masked parent| logit "
         f"difference {max(diffs):.1e}; validation loss of the loaded model against the masked "
         f"parent at that budget: max difference {max(gaps):.1e}.",

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers_for_tests import StopAt
 from scipy.stats import chisquare
 
@@ -22,6 +25,10 @@ from stagetrain.elastic.losses import router_loss
 from stagetrain.handoff import build_optimizer
 from stagetrain.recipes.elastic import calibration_batches, elastic_parent
 from stagetrain.registry import build_model
+from stagetrain.sources.preflight import model_vocab_size
+from stagetrain.train.preflight import preflight
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
 
 ARCH = {"vocab": 256, "context": 32, "width": 32, "heads": 4, "head_dim": 8, "ffn": 64, "layers": 3}
 BUDGETS = [
@@ -168,8 +175,8 @@ def test_extraction_equals_the_masked_forward_pass() -> None:
         child = extract(model, budget["name"])
         plain = child.model.eval()
         assert isinstance(plain, ElasticGPT) and plain.router is None
-        assert (plain(x) - model(x + 256 * index)).abs().max() < 1e-4  # budget tagged in ids
-        assert (plain(x) - model(x, budget=index)).abs().max() < 1e-4  # budget beside them
+        assert (plain(x) - model(x, budget=index)).abs().max() < 1e-4
+        assert (plain(x) - model(x, budget=budget["name"])).abs().max() < 1e-4
         assert child.params == param_count(**child.spec["args"])
     with pytest.raises(ConfigError, match="no budget 'tiny'"):
         extract(model, "tiny")
@@ -197,7 +204,7 @@ def test_bad_router_settings_are_named() -> None:
 
 def source(name: str, budget: int, weight: float, split: str = "train") -> dict[str, Any]:
     return {
-        "builtin": "budget_text",
+        "builtin": "elastic_text",
         "name": name,
         "args": {"budget": budget, "args": {"split": split, "context": 32, "limit": 4000}},
         "weight": weight,
@@ -233,7 +240,7 @@ def elastic_config(**overrides: Any) -> dict[str, Any]:
                 "max_samples": 8,
                 "metrics": ["loss"],
                 "data": {
-                    "builtin": "budget_text",
+                    "builtin": "elastic_text",
                     "args": {"budget": i, "args": {"split": "val", "context": 32}},
                 },
             }
@@ -278,8 +285,9 @@ def test_budget_sampling_follows_the_configured_frequencies() -> None:
     for stage, expected in zip(curriculum.stages, ([1 / 3] * 3, [0.5, 0.3, 0.2]), strict=True):
         counts = np.zeros(3)
         for step in range(stage.steps):
-            inputs, _ = stage.batch(step, 0, 1)
-            counts += np.bincount((inputs[:, 0] // 256).numpy(), minlength=3)
+            batch = stage.batch(step, 0, 1)
+            assert int(batch["input_ids"].max()) < ARCH["vocab"]  # real token ids only
+            counts += np.bincount(batch["budget"].numpy(), minlength=3)
         total = counts.sum()
         # Goodness of fit to the configured weights, and the shares themselves.
         assert chisquare(counts, np.array(expected) * total).pvalue > 0.001, counts
@@ -471,3 +479,77 @@ def test_heterogeneous_elastic_gpt_extracts_per_layer_sizes(tmp_path: Path) -> N
         assert (child.model.eval()(x) - want).abs().max() < 1e-5
         save_extracted(child, tmp_path / "h")
         assert (load_extracted(tmp_path / "h")(x) - want).abs().max() < 1e-5
+
+
+def test_the_budget_travels_beside_the_tokens_never_inside_them() -> None:
+    """No token-id carrier is left: ``budget_text`` is no source, the model accepts
+    exactly its vocabulary (fit's preflight refuses larger ids before step 0, instead of
+    reading them as a budget), and a model with budgets called without one computes
+    the full model with no router term."""
+    model = parent(1).eval()
+    assert model_vocab_size(model) == ARCH["vocab"]
+    assert not hasattr(model, "split_tags")
+    x = tokens()
+    with torch.no_grad():
+        full = model(x, budget="full")
+        assert (model(x) - full).abs().max() < 1e-5
+    assert model.router_loss is None
+    with pytest.raises(ConfigError, match="the last forward pass had no budget"):
+        router_loss(full, None, model=model)
+    with pytest.raises(IndexError):
+        model(x + ARCH["vocab"])  # once read as budget 1, now an id past the vocabulary
+    config = elastic_config()
+    config["stages"][0]["data"]["sources"][0]["builtin"] = "budget_text"
+    with pytest.raises(ConfigError, match="budget_text"):
+        Curriculum(parse_config(config), progress=False)
+
+
+@pytest.mark.parametrize("name", ["elastic.yaml", "elastic_llama.yaml"])
+def test_the_examples_carry_the_budget_in_dict_items(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load((EXAMPLES / name).read_text())
+    data = [source for stage in config["stages"] for source in stage["data"]["sources"]]
+    data += [ev["data"] for ev in config["evals"]]
+    assert {d["builtin"] for d in data} == {"elastic_text"}
+    assert main(["plan", str(EXAMPLES / name)]) == 0
+    assert "loss kl_distill + 10 x stagetrain.elastic.losses:router_loss" in capsys.readouterr().out
+
+
+def test_preflight_neither_advances_the_router_nor_draws_random_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit runs the model on every stage's first batch and every evaluation before step
+    0: in evaluation mode, without gradients, with the random state restored. The
+    router's anneal counter after N steps is N, and the run is bitwise the run without
+    those forward passes."""
+    config = elastic_config(eval_every="4ba")  # evaluations inside the run as well
+    # The anneal ends at forward 15: one extra training forward in 14 steps would pin it.
+    config["model"]["args"]["router"].update(anneal_forwards=15, project=0.05)
+    curriculum = Curriculum(parse_config(config), progress=False)
+    model, teacher = curriculum.build_model(), curriculum.build_teacher()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    preflight(curriculum, model, teacher, device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1][1])
+    assert random.getstate() == states[2]
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+    trained, result = run(config, tmp_path / "with")
+    assert result.state.step == 14
+    router = trained.router
+    assert router is not None
+    assert int(router.forwards) == 14  # one per training step, none for preflight or evals
+    assert bool((router.pinned < 0).all())  # the anneal has not ended: nothing projected
+    fit_module = importlib.import_module("stagetrain.train.fit")
+    real = fit_module.preflight
+    monkeypatch.setattr(fit_module, "preflight", lambda *a, **k: real(*a, **k, run_model=False))
+    without, _ = run(config, tmp_path / "without")
+    a, b = trained.state_dict(), without.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -198,6 +198,45 @@ def test_llama_exports_load_with_transformers_and_match(tmp_path: Path) -> None:
                 assert (loaded(x).logits - masked(model, config, x)).abs().max() < 1e-5
 
 
+def _config_refuses(hidden: int, heads: int) -> bool:
+    """Whether the installed transformers' LlamaConfig refuses ``hidden`` with ``heads``
+    attention heads although ``head_dim`` is set (transformers 5's strict validation)."""
+    try:
+        LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
+                    head_dim=8, vocab_size=VOCAB).validate()  # fmt: skip
+    except Exception:
+        return True
+    return False
+
+
+def test_llama_width_not_a_multiple_of_the_heads_extracts_and_exports_or_is_named(
+    tmp_path: Path,
+) -> None:
+    """Width 16 with 3 heads of 8: the child computes what the masked parent computes
+    and the stagetrain format holds it; the Hugging Face format holds it wherever the
+    installed transformers' LlamaConfig accepts it, else a one-line error names why."""
+    model = elastic("llama-mha-tied-bias")
+    config = {"width": 16, "heads": 3, "ffn": 36, "depth": 3}
+    x = tokens()
+    want = masked(model, config, x)
+    child = slice_model(model, config)
+    with torch.no_grad():
+        assert (child.model.eval()(x).logits - want).abs().max() < 1e-5
+    save_extracted(child, tmp_path / "st")
+    with torch.no_grad():
+        assert (load_extracted(tmp_path / "st")(x).logits - want).abs().max() < 1e-5
+    out = tmp_path / "hf"
+    if _config_refuses(16, 3):
+        with pytest.raises(ConfigError, match=r"--format hf: .*multiple of .*--format stagetrain"):
+            save_hf(child, model.family, out)
+        assert not out.exists()
+    else:
+        save_hf(child, model.family, out)
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            assert (loaded(x).logits - want).abs().max() < 1e-5
+
+
 def test_gpt2_exports_where_its_config_can_hold_the_shapes(tmp_path: Path) -> None:
     model = elastic("gpt2")
     x = tokens()

@@ -164,6 +164,15 @@ class ModelIO:
         """Call the model and align its output with the batch's targets."""
         return self.align(self.call(model, batch), batch, model)
 
+    def predict_teacher(
+        self, teacher: torch.nn.Module, batch: Batch, student: torch.nn.Module
+    ) -> Prediction:
+        """The teacher on the student's ``batch``, its logits aligned as the student's are:
+        shifted only when the student's are, so a distillation term compares the same
+        positions whichever wrapper each model has (a plain ``LlamaForCausalLM`` teacher
+        of a wrapped student, or the other way round)."""
+        return self.align(self.call(teacher, batch), batch, student)
+
     def align(self, outputs: Any, batch: Batch, model: torch.nn.Module) -> Prediction:
         """A :class:`Prediction` from a model's ``outputs`` on ``batch``."""
         logits = logits_of(outputs)

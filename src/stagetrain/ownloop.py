@@ -90,7 +90,7 @@ class StepInfo:
         teacher_pred = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_pred = self.stage.io.predict(teacher, batch)
+                teacher_pred = self.stage.io.predict_teacher(teacher, batch, model)
         return self.stage.loss(pred, teacher=teacher_pred, model=model)[0]
 
     def set_lr(self, optimizer: torch.optim.Optimizer) -> float:

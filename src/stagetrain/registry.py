@@ -19,7 +19,6 @@ BUILTIN_SOURCES: dict[str, str] = {
     "shapes": "stagetrain.recipes.shapes:shapes_dataset",
     "addition": "stagetrain.recipes.addition:addition_dataset",
     "stdlib_text": "stagetrain.recipes.pystdlib:stdlib_text",
-    "budget_text": "stagetrain.elastic.data:budget_tagged",
     # Real data on disk (stagetrain.sources): token files and Hugging Face datasets.
     "tokens": "stagetrain.sources.tokens:tokens_source",
     "hf": "stagetrain.sources.hf:hf_source",

@@ -10,11 +10,9 @@ shards across ranks without communication.
 called as ``model(**batch)`` (labels left to the loss), the budget reaches the elastic
 model beside the token ids, and a teacher given the same batch without ``budget`` sees
 the real tokens. It offers ``get_batch`` (one call per batch) and ``with_seq_len``.
-
-:class:`BudgetTagged` (built-in source ``budget_text``) is the older carrier for pair
-batches, kept for :class:`~stagetrain.elastic.model.ElasticGPT` until the loop passes
-dict batches: token ``t`` of budget ``b`` is fed as ``t + vocab * b`` (targets untagged).
-Only ElasticGPT understands it; a Hugging Face model would index past its vocabulary.
+Every elastic model (:class:`~stagetrain.elastic.model.ElasticGPT` and
+:class:`~stagetrain.elastic.hf.ElasticModel`) takes its budget this way; the token ids
+are never altered.
 """
 
 from __future__ import annotations
@@ -84,42 +82,3 @@ def budget_items(
 ) -> BudgetItems:
     """A built-in token source (default: the stdlib text) as dict items at ``budget``."""
     return BudgetItems(_inner(source, args, seed, "elastic_text"), budget=budget, seq_len=seq_len)
-
-
-class BudgetTagged:
-    """``dataset`` with every input token id shifted by ``vocab * budget``."""
-
-    def __init__(self, dataset: Any, *, budget: int, vocab: int) -> None:
-        if budget < 0 or vocab < 1:
-            raise DataError(
-                f"budget_text: budget must be >= 0 and vocab >= 1 (got {budget}, {vocab})"
-            )
-        self.dataset = dataset
-        self.offset = vocab * budget
-        self.vocab = vocab
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _tag(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs + self.offset
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = self.dataset[index]
-        return self._tag(torch.as_tensor(inputs)), torch.as_tensor(targets)
-
-    def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = fetch(self.dataset, indices)
-        return self._tag(inputs), targets
-
-
-def budget_tagged(
-    *,
-    budget: int,
-    source: str = "stdlib_text",
-    args: dict[str, Any] | None = None,
-    vocab: int = 256,
-    seed: int = 0,
-) -> BudgetTagged:
-    """A built-in token source (default: the stdlib text) tagged with budget index ``budget``."""
-    return BudgetTagged(_inner(source, args, seed, "budget_tagged"), budget=budget, vocab=vocab)

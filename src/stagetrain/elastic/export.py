@@ -89,6 +89,38 @@ def _tokenizer_source(model_args: dict[str, Any], run_dir: Path) -> str | None:
     return None
 
 
+def _run_config(run_dir: Path) -> Any:
+    from stagetrain.config import load_config
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = load_config(config_path)
+    if config.model is None:
+        raise ConfigError(f"{config_path}: model: the run declares no model")
+    return config
+
+
+def load_elastic_run(run_dir: str | Path) -> ElasticHost:
+    """The elastic parent of a run directory (``stagetrain run`` or :func:`stagetrain.fit`),
+    rebuilt from its ``config.yaml`` with the newest checkpoint's weights (router counter
+    and pins included), in evaluation mode.
+
+    Raises:
+        ConfigError: not a run directory, or its model is not elastic with budgets.
+    """
+    from stagetrain.registry import build_model, load_weights
+
+    run_dir = Path(run_dir)
+    config = _run_config(run_dir)
+    parent = build_model(config.model, seed=config.seed)
+    if getattr(parent, "family", None) is None or getattr(parent, "router", None) is None:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: model: not an elastic model with budgets")
+    parent.load_state_dict(load_weights(str(run_dir), field="run_dir"))
+    host: Any = parent.eval()
+    return host
+
+
 def extract_run(
     run_dir: str | Path,
     budget: str,
@@ -105,24 +137,11 @@ def extract_run(
     docstring). Raises :class:`~stagetrain.elastic.budgets.BudgetError` when the budget
     misses its target by more than ``tolerance`` and neither ``allow_off_target`` nor
     ``project`` is set."""
-    from stagetrain.config import load_config
-    from stagetrain.registry import build_model, load_weights
-
     if format not in ("stagetrain", "hf"):
         raise ConfigError(f"--format: 'stagetrain' or 'hf', got {format!r}")
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = load_config(config_path)
-    if config.model is None:
-        raise ConfigError(f"{config_path}: model: the run declares no model")
-    parent = build_model(config.model, seed=config.seed)
-    if getattr(parent, "family", None) is None or getattr(parent, "router", None) is None:
-        raise ConfigError(f"{config_path}: model: not an elastic model with budgets")
-    host: Any = parent
-    parent.load_state_dict(load_weights(str(run_dir), field="run_dir"))
-    parent.eval()
+    host: Any = load_elastic_run(run_dir)
+    model_args = _run_config(run_dir).model.args
     warnings = []
     if project:
         before = {s.name: s.config for s in check_budgets(host, tolerance)}
@@ -163,7 +182,7 @@ def extract_run(
         "config": status.config,
     }
     if format == "hf":
-        save_hf(child, host.family, out, tokenizer=_tokenizer_source(config.model.args, run_dir),
+        save_hf(child, host.family, out, tokenizer=_tokenizer_source(model_args, run_dir),
                 metadata=metadata)  # fmt: skip
     else:
         save_extracted(child, out, metadata=metadata)

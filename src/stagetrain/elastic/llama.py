@@ -127,7 +127,9 @@ class LlamaFamily:
                 f"keeps {[(s.heads, s.ffn) for s in layers]} (heads, MLP) per layer: "
                 "export with --format stagetrain"
             )
-        return self._config(width, layers[0], len(layers))
+        config = self._config(width, layers[0], len(layers))
+        check_loadable(config)
+        return config
 
     def _triples(self, layers: list[LayerSize]) -> list[list[int]]:
         return [[s.heads, kv_heads_kept(s.heads, self.sizes), s.ffn] for s in layers]
@@ -145,9 +147,9 @@ def build_llama(config: dict[str, Any], layers: list[list[int]]) -> nn.Module:
     """A blank ``LlamaForCausalLM`` of ``config`` whose layer ``i`` keeps ``layers[i]`` =
     ``[query heads, key/value heads, MLP neurons]``: layers that differ from the config
     get resized projections, so per-layer (heterogeneous) children load too."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**config)
+    cfg = unchecked_config(config)
     model = AutoModelForCausalLM.from_config(cfg)
     d, width = cfg.head_dim, cfg.hidden_size
     for block, (heads, kv, ffn) in zip(model.model.layers, layers, strict=True):
@@ -167,3 +169,41 @@ def build_llama(config: dict[str, Any], layers: list[list[int]]) -> nn.Module:
             mlp.down_proj = nn.Linear(ffn, width, bias=bias)
             mlp.intermediate_size = ffn
     return model
+
+
+def check_loadable(config: Any) -> None:
+    """Raise a one-line :class:`ConfigError` when the installed ``transformers`` would
+    refuse to save or load ``config`` (its strict validation, e.g. transformers 5's
+    ``hidden_size`` a multiple of ``num_attention_heads`` even with ``head_dim`` set)."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return  # a release without strict configs: what it builds, it loads
+    try:
+        validate()
+    except Exception as exc:
+        import transformers
+
+        cause = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
+        raise ConfigError(
+            f"--format hf: transformers {transformers.__version__} refuses this child's "
+            f"config ({cause}): export with --format stagetrain, which holds any "
+            "configuration, or offer width choices that are multiples of every heads choice"
+        ) from None
+
+
+def unchecked_config(fields: dict[str, Any]) -> Any:
+    """The ``transformers`` config of ``fields`` even where its strict validation refuses
+    the shapes (a width that is not a multiple of the query heads, with ``head_dim`` set):
+    the model computes them exactly, so the stagetrain format builds it from a valid
+    stand-in config whose width is then set (assignment is not validated)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**fields)
+    except Exception:
+        heads, head_dim = fields.get("num_attention_heads"), fields.get("head_dim")
+        if not heads or not head_dim or "hidden_size" not in fields:
+            raise
+    config = AutoConfig.for_model(**{**fields, "hidden_size": heads * head_dim})
+    config.hidden_size = fields["hidden_size"]
+    return config

@@ -6,12 +6,10 @@ model's: :class:`GPTFamily` describes it, :class:`~stagetrain.elastic.masking.Ma
 mask it, :class:`~stagetrain.elastic.router.BudgetRouter` chooses the sizes (see
 :mod:`stagetrain.elastic.core`).
 
-The budget is passed beside the tokens: ``model(tokens, budget=...)``. Until the
-training loop passes dict batches, pair batches may still carry it inside the token
-ids (token ``t`` of budget ``b`` fed as ``t + vocab * b``, see
-:mod:`stagetrain.elastic.data`); a model with budgets reads it from there when no
-``budget=`` is given, and every ElasticGPT strips such tags (so a plain ElasticGPT
-teacher sees the real tokens).
+The budget is passed beside the tokens, never inside them: ``model(tokens,
+budget=...)``, or a dict batch ``{"input_ids", "labels", "budget"}`` (the
+``elastic_text`` source, :mod:`stagetrain.elastic.data`) called as ``model(**batch)``.
+Without ``budget`` the model computes its full size.
 """
 
 from __future__ import annotations
@@ -144,19 +142,9 @@ class ElasticGPT(nn.Module):
         return self
 
     @property
-    def input_vocab_size(self) -> int:
-        """Input ids this model accepts: budget-tagged ids reach ``vocab * budgets``."""
-        budgets = len(self.router.budgets) if self.router is not None else 1
-        return self.vocab * budgets
-
-    @property
     def full_params(self) -> int:
         """Parameters of the full model (the router's excluded)."""
         return param_count(**{k: v for k, v in self.arch.items() if k != "layer_sizes"})
-
-    def split_tags(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(token ids, budget index per sample)`` of budget-tagged ids."""
-        return tokens.remainder(self.vocab), tokens[:, 0].div(self.vocab, rounding_mode="floor")
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
@@ -167,26 +155,26 @@ class ElasticGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, budget: Any = None) -> torch.Tensor:
         """Logits for ``input_ids`` at ``budget`` (per-sample indices, one index or one
-        name; see the module docstring for budget-tagged ids). A model without budgets
+        name; ``None`` = the full model, with no router term). A model without budgets
         ignores ``budget`` (a teacher computes the full model whatever it is given), so
         a dict batch ``{"input_ids", "budget"}`` can be passed as ``model(**batch)`` to
         the student and the teacher alike."""
-        tokens, tagged = self.split_tags(input_ids)
+        self.router_loss = None
         if self.router is None:
-            self.router_loss = None
-            return self._logits(tokens)
-        index = budget_index(
-            self.router, tagged if budget is None else budget, tokens.shape[0], tokens.device
-        )
+            return self._logits(input_ids)
+        if budget is None:
+            with self.hooks.apply(None):
+                return self._logits(input_ids)
+        index = budget_index(self.router, budget, input_ids.shape[0], input_ids.device)
         with self.hooks.apply(route(self, index)):
-            return self._logits(tokens)
+            return self._logits(input_ids)
 
     def plain_logits(self, batch: Any) -> torch.Tensor:
         with self.hooks.apply(None):
-            return self._logits(_tokens(batch).remainder(self.vocab))
+            return self._logits(_tokens(batch))
 
     def budget_logits(self, batch: Any, budget: int) -> torch.Tensor:
-        return self(_tokens(batch).remainder(self.vocab), budget=budget)
+        return self(_tokens(batch), budget=budget)
 
 
 def _tokens(batch: Any) -> torch.Tensor:

@@ -31,22 +31,20 @@ the rest of training adapts the weights to the pinned configurations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from stagetrain.elastic.projection import nearest_within
 from stagetrain.elastic.space import Space
 from stagetrain.errors import ConfigError
 
 # The exact router loss enumerates every configuration of the grid; beyond this many
 # it would cost more than the forward pass it steers.
 MAX_GRID = 65_536
-# Projection searches outward from the current choice; it gives up after this many.
-MAX_SEARCH = 1_000_000
 
 
 class BudgetSpec(BaseModel):
@@ -417,41 +415,3 @@ class BudgetRouter(nn.Module):
                 f"({params / full:.3f} of full; target {budget.target:.3f})"
             )
         return "\n".join(lines)
-
-
-def nearest_within(
-    start: torch.Tensor,
-    cap: torch.Tensor,
-    cost: Callable[[torch.Tensor], Any],
-    target: float,
-    tolerance: float,
-    name: str,
-) -> torch.Tensor:
-    """The choice-index vector ``<= cap`` nearest ``start`` (L1 steps along the axes)
-    whose ``cost`` is within ``tolerance`` of ``target``; among equally near ones the
-    closest to the target. A breadth-first search outward from ``start``."""
-    origin = tuple(torch.minimum(start, cap).tolist())
-    limit = cap.tolist()
-    frontier = [origin]
-    seen = {origin}
-    while frontier and len(seen) <= MAX_SEARCH:
-        index = torch.tensor(frontier)
-        miss = (torch.as_tensor(cost(index), dtype=torch.float64) / target - 1).abs()
-        if bool((miss <= tolerance).any()):
-            best = int(torch.where(miss <= tolerance, miss, torch.inf).argmin())
-            return index[best]
-        following = []
-        for point in frontier:
-            for axis, value in enumerate(point):
-                for step in (-1, 1):
-                    moved = value + step
-                    if 0 <= moved <= limit[axis]:
-                        neighbour = (*point[:axis], moved, *point[axis + 1 :])
-                        if neighbour not in seen:
-                            seen.add(neighbour)
-                            following.append(neighbour)
-        frontier = following
-    raise ConfigError(
-        f"budget {name!r}: no configuration nested in the larger budgets' is within "
-        f"{tolerance:.0%} of its target: offer finer choices or widen the tolerance"
-    )

@@ -10,13 +10,9 @@ from stagetrain.sources.tokens import check_token_ids
 
 
 def model_vocab_size(model: torch.nn.Module) -> int | None:
-    """Ids the model's input embedding accepts: its ``input_vocab_size`` when it declares
-    one (a model that reads tagged ids past its embedding), else ``get_input_embeddings()``
-    of the model or of a ``transformers`` model inside it, else the first ``nn.Embedding``;
-    None when the model embeds no tokens."""
-    declared = getattr(model, "input_vocab_size", None)
-    if isinstance(declared, int):
-        return declared
+    """Ids the model's input embedding accepts: ``get_input_embeddings()`` of the model or
+    of a ``transformers`` model inside it, else the first ``nn.Embedding``; None when the
+    model embeds no tokens."""
     for _, module in model.named_modules():
         getter = getattr(module, "get_input_embeddings", None)
         if callable(getter):

@@ -70,18 +70,20 @@ def check_stage_runs(
         raise StageTrainError(
             f"{field}.data: cannot fetch the first batch ({_first_line(exc)})"
         ) from None
+    what = "the model and loss"
     try:
         pred = stage.io.predict(model, batch)
-        teacher_pred = (
-            stage.io.predict(teacher, batch) if stage.loss.needs_teacher and teacher else None
-        )
+        teacher_pred = None
+        if stage.loss.needs_teacher and teacher is not None:
+            what = "the teacher"  # it gets the student's batch (e.g. a budget= beside the ids)
+            teacher_pred = stage.io.predict_teacher(teacher, batch, model)
+            what = "the model and loss"
         stage.loss(pred, teacher=teacher_pred, model=model)
     except StageTrainError:
         raise
     except Exception as exc:
         raise StageTrainError(
-            f"{field}: the model and loss cannot run on the stage's first batch "
-            f"({_first_line(exc)})"
+            f"{field}: {what} cannot run on the stage's first batch ({_first_line(exc)})"
         ) from None
 
 

@@ -107,7 +107,7 @@ class StepRunner:
                     if stage.loss.needs_teacher:
                         assert self.teacher is not None
                         with torch.no_grad():
-                            teacher_pred = stage.io.predict(self.teacher, batch)
+                            teacher_pred = stage.io.predict_teacher(self.teacher, batch, model)
                     loss, terms = stage.loss(pred, teacher=teacher_pred, model=model)
                     loss = loss / parts
                 if self.scaler is not None:
