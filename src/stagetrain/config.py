@@ -639,6 +639,10 @@ class CheckpointConfig(_Config):
     every: str | None = None
     """Interval (a duration); checkpoints are also written at each stage end."""
     keep: int = Field(default=3, ge=1)
+    async_save: bool = False
+    """Write checkpoints in the background: training waits only while the state is
+    copied to host memory (``parallel: fsdp``: ``torch.distributed.checkpoint.async_save``;
+    ``ddp``: a writer thread). A checkpoint is listed in the manifest only once written."""
 
     @field_validator("every")
     @classmethod
@@ -668,6 +672,68 @@ class NonFiniteConfig(_Config):
     max_consecutive_skips: int = Field(default=10, ge=1)
     rollback_lr_factor: float = Field(default=0.5, gt=0, lt=1)
     max_rollbacks: int = Field(default=3, ge=1)
+
+
+# --- parallel: how the model is spread over ranks (issue 19) ---------------------------
+
+DTypeName = Literal["fp32", "bf16", "fp16"]
+
+
+class MixedPrecisionConfig(_Config):
+    """FSDP2's ``MixedPrecisionPolicy``: the dtype parameters are all-gathered and computed
+    in, and the dtype gradients are reduced in. The sharded parameters and the optimizer
+    state stay in the model's own dtype (fp32)."""
+
+    param_dtype: DTypeName = "fp32"
+    reduce_dtype: DTypeName = "fp32"
+
+
+_FSDP_ONLY = (
+    "wrap",
+    "mixed_precision",
+    "reshard_after_forward",
+    "cpu_offload",
+    "activation_checkpointing",
+)
+
+
+class ParallelConfig(_Config):
+    """How the model is spread over the ranks of a ``torchrun`` job.
+
+    ``ddp`` (default) replicates the model on every rank (DistributedDataParallel) and
+    writes single-file checkpoints from rank 0. ``fsdp`` shards parameters, gradients and
+    optimizer state with FSDP2 (``torch.distributed.fsdp.fully_shard``, torch >= 2.6):
+    each block in ``wrap`` is one shard unit, the root another; checkpoints are sharded
+    (``torch.distributed.checkpoint``: every rank writes its shards, and a run resumes on
+    any number of ranks). The other fields apply to ``fsdp`` only.
+    """
+
+    kind: Literal["ddp", "fsdp"] = "ddp"
+    wrap: list[str] | None = None
+    """Modules sharded as units: class names (``GPT2Block``) or globs over module names
+    (``blocks.*``). Default: the model's ``_no_split_modules`` (transformers), else the
+    children of its ``nn.ModuleList`` containers (the repeated blocks)."""
+    mixed_precision: MixedPrecisionConfig = Field(default_factory=MixedPrecisionConfig)
+    reshard_after_forward: bool = True
+    """Free each unit's gathered parameters after its forward (all-gather again in the
+    backward): less memory, more communication."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in host memory
+    (``CPUOffloadPolicy``); the optimizer steps on the CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each wrapped block's activations in the backward pass instead of storing
+    them (``torch.utils.checkpoint``)."""
+
+    @model_validator(mode="after")
+    def _fsdp_only(self) -> ParallelConfig:
+        if self.kind == "ddp":
+            defaults = ParallelConfig(kind="fsdp")
+            for name in _FSDP_ONLY:
+                if getattr(self, name) != getattr(defaults, name):
+                    raise ValueError(f"{name} applies to kind 'fsdp' only (kind is 'ddp')")
+        if self.wrap is not None and not all(self.wrap):
+            raise ValueError("wrap: entries must be non-empty class names or name globs")
+        return self
 
 
 class CurriculumConfig(_Config):
@@ -702,6 +768,8 @@ class CurriculumConfig(_Config):
     """Pin batches in page-locked memory for faster copies to the GPU."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """DDP (default) or FSDP2 across ranks; see :class:`ParallelConfig`."""
     global_lr: GlobalLR | None = None
     """When set, the LR at global step ``t`` is ``global_lr.lr * schedule(t)`` in every stage."""
 
@@ -800,6 +868,7 @@ class CurriculumConfig(_Config):
             "compile",
             "data_workers",
             "pin_memory",
+            "parallel",  # how the run is spread over ranks, not what it trains
         ):
             data.pop(run_only, None)
         return data

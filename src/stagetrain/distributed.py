@@ -34,8 +34,8 @@ class DistInfo:
 def init_from_env() -> DistInfo:
     """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment.
 
-    Uses NCCL when CUDA is available and gloo otherwise; a single process (no
-    ``WORLD_SIZE`` or ``WORLD_SIZE=1``) starts no group.
+    Uses NCCL (with gloo for CPU tensors) when CUDA is available and gloo otherwise; a
+    single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) starts no group.
     """
     if dist.is_available() and dist.is_initialized():
         return DistInfo(
@@ -48,7 +48,9 @@ def init_from_env() -> DistInfo:
     # A bounded timeout turns a rare hung connection (seen with gloo right after a
     # torchrun restart) into a failure that torchrun's --max-restarts retries.
     timeout = timedelta(seconds=float(os.environ.get("STAGETRAIN_DIST_TIMEOUT", "1800")))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL for CUDA tensors, plus gloo for the CPU ones that sharded training hands to
+    # collectives (CPU-offloaded FSDP gradients, checkpoint planning).
+    backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     rank = int(os.environ.get("RANK", "0"))

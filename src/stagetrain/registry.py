@@ -135,6 +135,12 @@ def load_weights(path: str, *, field: str) -> dict[str, Any]:
 
         payload, _ = CheckpointStore(file / "checkpoints").load_latest()
         return dict(payload["model"])
+    if (file / "checkpoints" / "sharded.json").is_file():
+        # A sharded run (parallel: fsdp): its newest intact checkpoint, consolidated.
+        from stagetrain.train.dcp import select_sharded
+
+        weights, _ = select_sharded(file, None)
+        return dict(weights)
     if not file.is_file():
         raise CheckpointError(
             f"{field}: weights file {path!r} not found (expected a state_dict file, "

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from stagetrain.checkpoint import CheckpointStore, atomic_write_text
-from stagetrain.config import CurriculumConfig, load_config
+from stagetrain.checkpoint import atomic_write_text
+from stagetrain.config import CurriculumConfig, ParallelConfig, load_config
 from stagetrain.curriculum import Curriculum
 from stagetrain.errors import CheckpointError, ConfigError
 from stagetrain.handoff import trainable_flags
@@ -29,6 +29,7 @@ from stagetrain.train.engine import AccelerateEngine, Engine, TorchEngine
 from stagetrain.train.preflight import preflight
 from stagetrain.train.progress import Reporter
 from stagetrain.train.runner import Runner
+from stagetrain.train.stores import open_store
 
 OnChange = resuming.OnChange
 
@@ -60,14 +61,35 @@ def _as_curriculum(
     return Curriculum(config, datasets=datasets, has_teacher=teacher is not None)
 
 
-def make_engine(engine: str | Engine, device: str | torch.device | None) -> Engine:
-    """The engine object for ``engine`` (``torch``, ``accelerate``, or one already built)."""
+def make_engine(
+    engine: str | Engine,
+    device: str | torch.device | None,
+    parallel: ParallelConfig | None = None,
+) -> Engine:
+    """The engine object for ``engine`` (``torch``, ``accelerate``, or one already built)
+    and the config's ``parallel`` block (``fsdp``: :class:`~stagetrain.train.fsdp.FSDPEngine`)."""
     dev = torch.device(device) if device is not None else None
+    fsdp = parallel is not None and parallel.kind == "fsdp"
     if not isinstance(engine, str):
+        if fsdp and not getattr(engine, "sharded", False):
+            raise ConfigError(
+                f"parallel.kind: 'fsdp', but the engine passed to fit() "
+                f"({type(engine).__name__}) does not shard; pass engine='torch'"
+            )
         return engine
     if engine == "torch":
+        if fsdp:
+            from stagetrain.train.fsdp import FSDPEngine
+
+            assert parallel is not None
+            return FSDPEngine(parallel, device=dev)
         return TorchEngine(device=dev)
     if engine == "accelerate":
+        if fsdp:
+            raise ConfigError(
+                "parallel.kind: 'fsdp' runs on PyTorch's FSDP2 under the torch engine; use "
+                "--engine torch (it runs under accelerate launch as under torchrun)"
+            )
         return AccelerateEngine(device=dev)
     raise ConfigError(f"engine: expected 'torch' or 'accelerate', got {engine!r}")
 
@@ -110,7 +132,8 @@ def fit(
             methods; ``run.request_stop()`` ends training early.
         progress: show a progress bar (or plain lines when not on a terminal).
         tensorboard: write TensorBoard events (when the package is installed).
-        engine: ``torch`` (the process group ``torchrun`` describes, DDP), ``accelerate``
+        engine: ``torch`` (the process group ``torchrun`` describes; DDP, or FSDP2 under
+            the config's ``parallel: {kind: fsdp}``), ``accelerate``
             (for ``accelerate launch``), or an :class:`~stagetrain.train.engine.Engine`.
 
     Returns:
@@ -122,7 +145,7 @@ def fit(
     """
     curriculum = _as_curriculum(curriculum, datasets, teacher)
     config = curriculum.config
-    eng = make_engine(engine, device)
+    eng = make_engine(engine, device, config.parallel)
     info = eng.info
     for stage in curriculum.stages:
         if stage.batch_size % info.world_size:
@@ -141,12 +164,18 @@ def fit(
         )
     eng.barrier()
     model.to(eng.device)
+    model = eng.prepare(model)  # FSDP shards here, before any optimizer is built
     if teacher is None:
         teacher = curriculum.build_teacher()
     if teacher is not None:
         teacher.to(eng.device).eval()
     trainable = trainable_flags(model)
-    store = CheckpointStore(run_path / "checkpoints", keep=config.checkpoint.keep)
+    store = open_store(
+        run_path / "checkpoints",
+        keep=config.checkpoint.keep,
+        engine=eng,
+        async_save=config.checkpoint.async_save,
+    )
     state = TrainState()
     optimizer = None
     resume_lines: int | None = None
