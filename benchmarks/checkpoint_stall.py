@@ -12,6 +12,7 @@ Reported: the median stall per checkpoint, and async / sync.
     python benchmarks/checkpoint_stall.py            # width 512, 4 layers (~13M parameters)
     python benchmarks/checkpoint_stall.py --quick    # width 256, 2 layers, 2 repeats
     torchrun --nproc_per_node=2 benchmarks/checkpoint_stall.py --quick   # sharded over 2 ranks
+    python benchmarks/checkpoint_stall.py --render benchmarks/results/checkpoint_stall.json
 
 The checkpoint interval is long enough for a background write to finish before the
 next one (otherwise the next checkpoint waits for it, and that wait is counted).
@@ -121,12 +122,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--kinds", default="fsdp,ddp", help="stores to measure (fsdp, ddp)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--render", type=Path, default=None, help="only write the Markdown table of this JSON"
+    )
     args = parser.parse_args()
+    if args.render is not None:
+        summary = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(
+            markdown(summary, quick="quick" in args.render.name) + "\n"
+        )
+        return
     width = args.width or (256 if args.quick else 512)
     layers = args.layers or (2 if args.quick else 4)
-    steps = args.steps or (40 if args.quick else 120)
-    every = args.every or (10 if args.quick else 20)
-    repeats = args.repeats or (2 if args.quick else 5)
+    steps = args.steps or (40 if args.quick else 60)
+    every = args.every or (10 if args.quick else 15)
+    repeats = args.repeats or (2 if args.quick else 3)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
@@ -188,7 +198,33 @@ def main() -> None:
     default = "checkpoint_stall-quick.json" if args.quick else "checkpoint_stall.json"
     out_path = args.out or Path(__file__).parent / "results" / default
     out_path.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {out_path}")
+    out_path.with_suffix(".md").write_text(markdown(summary, quick=args.quick) + "\n")
+    print(f"wrote {out_path} and {out_path.with_suffix('.md').name}")
+
+
+def markdown(summary: dict[str, Any], *, quick: bool) -> str:
+    """The table benchmarks/README.md shows (``<!-- insert checkpoint_stall -->``)."""
+    model = summary["model"]
+    lines = [
+        f"GPT width {model['width']}, {model['layers']} blocks ({model['parameters']:,} "
+        f"parameters), world size {summary['world_size']}, a checkpoint every "
+        f"{summary['every']} of {summary['steps']} steps, {summary['repeats']} interleaved "
+        f"repeats{' (--quick)' if quick else ''}; {summary['machine']}, torch "
+        f"{summary['torch']}.",
+        "",
+        "| store | mode | checkpoints | median stall | mean stall | final wait | async / sync |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in summary["modes"].items():
+        kind, mode = name.split("-")
+        ratio = summary.get(f"{kind}_async_over_sync") if mode == "async" else None
+        lines.append(
+            f"| {'sharded (fsdp)' if kind == 'fsdp' else 'single file (ddp)'} | {mode} | "
+            f"{row['checkpoints']} | {row['median_stall_ms']:.1f} ms | "
+            f"{row['mean_stall_ms']:.1f} ms | {row['final_wait_ms']:.1f} ms | "
+            f"{'' if ratio is None else f'{ratio:.1%}'} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

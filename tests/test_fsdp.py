@@ -68,6 +68,8 @@ def test_parallel_options_other_than_kind_apply_to_fsdp_only() -> None:
         parse_config(config)
     with pytest.raises(ConfigError, match=r"parallel\.kind: Input should be 'ddp' or 'fsdp'"):
         parse_config(tiny_config_dict(parallel={"kind": "zero3"}))
+    with pytest.raises(ConfigError, match=r"^precision: 'fp16' is not supported with parallel"):
+        parse_config(fsdp(tiny_config_dict(precision="fp16")))
     spread = parse_config(fsdp(tiny_config_dict(), activation_checkpointing=True))
     # How a run is spread over ranks is not what it trains: resume across kinds' options.
     assert spread.fingerprint() == parse_config(tiny_config_dict()).fingerprint()
@@ -225,6 +227,12 @@ def test_an_evaluation_forward_leaves_the_parameters_sharded() -> None:
     model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()
     optimizer.step()
     assert all(p in optimizer.state for p in model.parameters())  # the live shards stepped
+    from stagetrain.train import full_state_dict
+
+    full = full_state_dict(model)
+    plain = GPT(vocab=16, context=8, width=8, layers=2, heads=2).state_dict()
+    assert full.keys() == plain.keys()
+    assert all(type(v) is torch.Tensor and v.shape == plain[k].shape for k, v in full.items())
 
 
 @needs_fsdp2

@@ -676,13 +676,14 @@ class NonFiniteConfig(_Config):
 
 # --- parallel: how the model is spread over ranks (issue 19) ---------------------------
 
-DTypeName = Literal["fp32", "bf16", "fp16"]
+DTypeName = Literal["fp32", "bf16"]
 
 
 class MixedPrecisionConfig(_Config):
     """FSDP2's ``MixedPrecisionPolicy``: the dtype parameters are all-gathered and computed
     in, and the dtype gradients are reduced in. The sharded parameters and the optimizer
-    state stay in the model's own dtype (fp32)."""
+    state stay in the model's own dtype (fp32). fp16 is not offered: it needs loss
+    scaling, whose skip decision would be taken from each rank's own shard."""
 
     param_dtype: DTypeName = "fp32"
     reduce_dtype: DTypeName = "fp32"
@@ -827,6 +828,13 @@ class CurriculumConfig(_Config):
                         f"stages[{i}].advance.min_duration: {stage.advance.min_duration!r} is "
                         f"longer than the stage's duration {stage.duration!r}"
                     )
+        if self.precision == "fp16" and self.parallel.kind == "fsdp":
+            # torch's GradScaler checks each rank's own gradient shard for inf/NaN: the
+            # ranks could disagree on skipping a step.
+            raise ValueError(
+                "precision: 'fp16' is not supported with parallel.kind 'fsdp' (its gradient "
+                "scaler would decide per shard); use 'bf16', or parallel.mixed_precision"
+            )
         eval_names = [e.name for e in self.evals] + [e.name for s in self.stages for e in s.evals]
         dupes = sorted({n for n in eval_names if eval_names.count(n) > 1})
         if dupes:

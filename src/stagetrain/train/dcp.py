@@ -46,8 +46,8 @@ import json
 import os
 import pickle
 import shutil
-import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +300,75 @@ def read_model(directory: Path) -> dict[str, torch.Tensor]:
     return target["model"]
 
 
+# --- host copies for background writes -----------------------------------------------------
+
+
+@torch.no_grad()
+def stage_to_host(live: Any, cached: Any = None) -> Any:
+    """A host-memory copy of the nest ``live`` that training may not change under a writer.
+
+    Tensors (and DTensors: their local shard) are copied into the buffers of ``cached``,
+    an earlier copy, wherever shape and dtype still match, else into new ones; other
+    values are taken as they are. Refilling costs one ``copy_`` per tensor, without
+    allocating or rebuilding DTensor metadata.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4 (single-file checkpoints only): no DTensors to meet
+        DTensor = _NoDTensor  # type: ignore[misc,assignment]
+
+    if isinstance(live, DTensor):
+        local = live.to_local()
+        buffer = cached.to_local() if isinstance(cached, DTensor) else None
+        if (
+            buffer is not None
+            and cached.shape == live.shape
+            and buffer.shape == local.shape
+            and buffer.dtype == local.dtype
+        ):
+            buffer.copy_(local)
+            return cached
+        host = local.detach().to("cpu", copy=True)
+        return DTensor.from_local(
+            host, live.device_mesh, live.placements, run_check=False, shape=live.shape,
+            stride=live.stride(),
+        )  # fmt: skip
+    if isinstance(live, torch.Tensor):
+        if (
+            isinstance(cached, torch.Tensor)
+            and not isinstance(cached, DTensor)
+            and cached.shape == live.shape
+            and cached.dtype == live.dtype
+        ):
+            return cached.copy_(live.detach())
+        return live.detach().to("cpu", copy=True)
+    if isinstance(live, dict):
+        old = cached if isinstance(cached, dict) else {}
+        return {k: stage_to_host(v, old.get(k)) for k, v in live.items()}
+    if isinstance(live, list | tuple):
+        old_items = list(cached) if isinstance(cached, list | tuple) else []
+        old_items += [None] * (len(live) - len(old_items))
+        return type(live)(stage_to_host(v, c) for v, c in zip(live, old_items, strict=False))
+    return live
+
+
+class _NoDTensor:
+    """Stands in for DTensor where torch has none (``isinstance`` is then always false)."""
+
+
+def _prestaged_writer(directory: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class PreStagedWriter(FileSystemWriter):
+        """DCP's file writer, given a state already copied to host memory
+        (:func:`stage_to_host`): its own staging would copy it once more."""
+
+        def stage(self, state_dict: Any) -> Any:
+            return state_dict
+
+    return PreStagedWriter(directory, sync_files=True)
+
+
 # --- the store ----------------------------------------------------------------------------
 
 
@@ -353,8 +422,13 @@ class ShardedStore:
         self._engine = engine
         self.async_save = async_save
         self.group = getattr(engine, "checkpoint_group", None)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        # Imported now: the first checkpoint would otherwise pay it while training waits.
+        import torch.distributed.checkpoint  # noqa: F401
+
+        self._staged: Any = None
+        # One long-lived worker: starting a thread per checkpoint costs the stall time.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagetrain-ckpt")
+        self._pending: Future[None] | None = None
         self._published: Path | None = None
 
     @property
@@ -414,31 +488,27 @@ class ShardedStore:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
         state = _state_dicts(model, optimizer)
-        writer = FileSystemWriter(temp, sync_files=True)
         if not self.async_save:
-            save(state, storage_writer=writer, process_group=self.group)
+            save(state, storage_writer=FileSystemWriter(temp), process_group=self.group)
             self._finish(temp, meta, step, stage)
             path, self._published = self._published, None
             self.engine.barrier()  # every rank sees the new manifest before going on
             return path if main else None
-        future = async_save(state, storage_writer=writer, process_group=self.group)
-        self._thread = threading.Thread(
-            target=self._finish_after,
-            args=(future, temp, meta, step, stage),
-            name=f"stagetrain-checkpoint-{step}",
-            daemon=True,
+        # The host copy of this rank's shards is allocated at the first checkpoint and
+        # refilled in place at the next (the stall is one copy per tensor); it stays in
+        # host memory between checkpoints.
+        self._staged = stage_to_host(state, self._staged)
+        future = async_save(
+            self._staged, storage_writer=_prestaged_writer(temp), process_group=self.group
         )
-        self._thread.start()
+        self._pending = self._worker.submit(self._finish_after, future, temp, meta, step, stage)
         return self.directory / f"ckpt-{step:08d}" if main else None
 
     def _finish_after(
         self, future: Any, temp: Path, meta: dict[str, Any], step: int, stage: str
     ) -> None:
-        try:
-            future.result()
-            self._finish(temp, meta, step, stage)
-        except BaseException as exc:  # re-raised by wait() in the training thread
-            self._error = exc
+        future.result()
+        self._finish(temp, meta, step, stage)
 
     def _finish(self, temp: Path, meta: dict[str, Any], step: int, stage: str) -> None:
         """After this rank's write: hash its files, report to rank 0; rank 0 publishes once
@@ -501,16 +571,17 @@ class ShardedStore:
         Raises:
             CheckpointError: when it failed.
         """
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            if isinstance(error, CheckpointError):
-                raise error
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except CheckpointError:
+            raise
+        except Exception as error:
+            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise CheckpointError(
-                f"{self.directory}: writing a checkpoint failed ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+                f"{self.directory}: writing a checkpoint failed ({type(error).__name__}: {text})"
             ) from error
 
     # --- loading ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ background; :meth:`RunStore.wait` is where a run waits for that.
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,22 +59,11 @@ class RunStore(Protocol):
         ...
 
 
-def _host_copy(tree: Any) -> Any:
-    """``tree`` with every tensor copied to the host: training may change the live ones."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, dict):
-        return {k: _host_copy(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_host_copy(v) for v in tree)
-    return tree
-
-
 class SingleFileStore:
     """Rank 0 writes one file per checkpoint (:class:`~stagetrain.checkpoint.CheckpointStore`).
 
-    With ``async_save`` the payload is copied to host memory and written by a thread
-    while training goes on; the manifest lists the file once it is complete.
+    With ``async_save`` the payload is copied to host memory and written by a worker
+    thread while training goes on; the manifest lists the file once it is complete.
     """
 
     def __init__(
@@ -84,8 +73,10 @@ class SingleFileStore:
         self.directory = self.store.directory
         self.engine = engine
         self.async_save = async_save
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._staged: Any = None
+        # One long-lived worker: starting a thread per checkpoint costs the stall time.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagetrain-ckpt")
+        self._pending: Future[Any] | None = None
 
     def save(
         self,
@@ -106,27 +97,21 @@ class SingleFileStore:
             path = self.store.save(payload, step=step, stage=stage)
             self.engine.barrier()
             return path
-        copied = _host_copy(payload)
-        self._thread = threading.Thread(
-            target=self._write, args=(copied, step, stage), name=f"stagetrain-checkpoint-{step}"
-        )
-        self._thread.start()
+        # Training may change the live tensors: the writer gets a host copy (its buffers
+        # reused from the previous checkpoint, which wait() has finished writing).
+        self._staged = dcp.stage_to_host(payload, self._staged)
+        self._pending = self._worker.submit(self.store.save, self._staged, step=step, stage=stage)
         return self.directory / f"ckpt-{step:08d}.pt"
 
-    def _write(self, payload: dict[str, Any], step: int, stage: str) -> None:
-        try:
-            self.store.save(payload, step=step, stage=stage)
-        except BaseException as exc:  # re-raised by wait() in the training thread
-            self._error = exc
-
     def wait(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            if isinstance(error, CheckpointError):
-                raise error
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except CheckpointError:
+            raise
+        except Exception as error:
             raise CheckpointError(
                 f"{self.directory}: writing a checkpoint failed ({type(error).__name__}: {error})"
             ) from error
