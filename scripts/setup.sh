@@ -5,6 +5,9 @@
 # fails the script (CI must not go green with an extra missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Keras 3 defaults to the TensorFlow backend, which this venv does not hold (setup_tf.sh makes
+# its own); the torch backend is the one the tests and examples use.
+export KERAS_BACKEND=${KERAS_BACKEND:-torch}
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

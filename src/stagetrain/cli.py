@@ -30,6 +30,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.seed is not None:
         config = config.model_copy(update={"seed": args.seed})
+    if args.parallel is not None and args.parallel != config.parallel.kind:
+        from pydantic import ValidationError
+
+        from stagetrain.config import ParallelConfig, format_validation_error
+
+        try:  # validated again: fsdp-only options under ddp are refused
+            parallel = ParallelConfig.model_validate(
+                {**config.parallel.model_dump(), "kind": args.parallel}
+            )
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "--parallel")) from None
+        config = config.model_copy(update={"parallel": parallel})
     if env.distributed and args.run_dir is None:
         raise ConfigError("--run-dir: required when several processes share one run")
     # Under torchrun --max-restarts, a restarted job continues from its last checkpoint.
@@ -301,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["torch", "accelerate"],
         default="torch",
         help="torch: DDP under torchrun (default); accelerate: under `accelerate launch`",
+    )
+    run.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp"],
+        default=None,
+        help="override the config's parallel.kind: ddp (replicas) or fsdp (FSDP2, sharded "
+        "checkpoints)",
     )
     run.set_defaults(func=_cmd_run)
 

@@ -35,8 +35,8 @@ class DistInfo:
 def init_from_env() -> DistInfo:
     """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment.
 
-    Uses NCCL when CUDA is available and gloo otherwise; a single process (no
-    ``WORLD_SIZE`` or ``WORLD_SIZE=1``) starts no group.
+    Uses NCCL (with gloo for CPU tensors) when CUDA is available and gloo otherwise; a
+    single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) starts no group.
     """
     env = read_launch_env()  # every variable checked: a bad one is one line, not a hang
     if dist.is_available() and dist.is_initialized():
@@ -46,7 +46,9 @@ def init_from_env() -> DistInfo:
     # A bounded timeout turns a rare hung connection (seen with gloo right after a
     # torchrun restart) into a failure that torchrun's --max-restarts retries.
     timeout = env.timeout
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL for CUDA tensors, plus gloo for the CPU ones that sharded training hands to
+    # collectives (CPU-offloaded FSDP gradients, checkpoint planning).
+    backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     store = _attempt_store(env, timeout)

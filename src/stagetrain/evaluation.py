@@ -70,14 +70,42 @@ def eval_batches(
     limit: int | None = None,
 ) -> Iterator[Batch]:
     """This rank's batches of an evaluation set (every ``world_size``-th sample)."""
+    for batch, _counted in _eval_batches(
+        dataset, eval_set=eval_set, batch_size=batch_size, max_samples=max_samples,
+        seq_len=seq_len, rank=rank, world_size=world_size, limit=limit, equal_batches=False,
+    ):  # fmt: skip
+        yield batch
+
+
+def _eval_batches(
+    dataset: Any,
+    *,
+    eval_set: EvalSet,
+    batch_size: int,
+    max_samples: int | None,
+    seq_len: int | None,
+    rank: int,
+    world_size: int,
+    limit: int | None,
+    equal_batches: bool,
+) -> Iterator[tuple[Batch, bool]]:
+    """``(batch, counted)`` pairs of this rank's share. With ``equal_batches`` every rank
+    yields as many batches as the rank with the most samples; the extra ones repeat a
+    sample and are not counted (sharded models run every forward pass on all ranks)."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     indices = np.arange(rank, n, world_size)
     fmt = eval_set.io.fmt
-    for count, start in enumerate(range(0, len(indices), batch_size)):
-        if limit is not None and count >= limit:
-            return
-        batch = fetch(dataset, indices[start : start + batch_size], fmt)
-        yield fit_length(batch, seq_len, fmt=fmt, pad=False)
+    most = -(-n // world_size)  # rank 0 holds ceil(n / world_size) samples
+    total = -(-(most if equal_batches else len(indices)) // batch_size)
+    if limit is not None:
+        total = min(total, limit)
+    for count in range(total):
+        chunk = indices[count * batch_size : (count + 1) * batch_size]
+        counted = len(chunk) > 0
+        if not counted:
+            chunk = np.arange(min(1, n))  # a filler forward on sample 0; never counted
+        batch = fetch(dataset, chunk, fmt)
+        yield fit_length(batch, seq_len, fmt=fmt, pad=False), counted
 
 
 @torch.no_grad()
@@ -91,16 +119,19 @@ def evaluate_sums(
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
+    equal_batches: bool = False,
 ) -> Sums:
     """Metric sums of ``model`` over this rank's share of ``dataset``, on the model's device.
 
-    ``limit``: at most this many batches (the preflight runs one).
+    ``limit``: at most this many batches (the preflight runs one). ``equal_batches``:
+    every rank runs the same number of forward passes (a sharded model's forward is a
+    collective), the surplus ones on a repeated sample that is not counted.
     """
     was_training = model.training
     model.eval()
     sums: Sums = {}
     try:
-        for batch in eval_batches(
+        for batch, counted in _eval_batches(
             dataset,
             eval_set=eval_set,
             batch_size=eval_set.config.batch_size,
@@ -109,10 +140,13 @@ def evaluate_sums(
             rank=rank,
             world_size=world_size,
             limit=limit,
+            equal_batches=equal_batches,
         ):
             if device is not None:
                 batch = to_device(batch, device)
             pred = eval_set.io.predict(model, batch)
+            if not counted:
+                continue
             for metric in eval_set.metrics:
                 metric.update(pred, sums)
     finally:

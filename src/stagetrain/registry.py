@@ -133,6 +133,12 @@ def load_weights(path: str, *, field: str) -> dict[str, Any]:
     from stagetrain.errors import CheckpointError
 
     file = Path(path)
+    if (file / "checkpoints" / "sharded.json").is_file():
+        # A sharded run (parallel: fsdp): its newest intact checkpoint, consolidated.
+        from stagetrain.train.dcp import select_sharded
+
+        weights, _ = select_sharded(file, None)
+        return dict(weights)
     if (file / "checkpoints").is_dir():  # the manifest may be lost: sidecars rebuild it
         # A run directory: the model weights of its newest intact checkpoint.
         from stagetrain.checkpoint import CheckpointStore

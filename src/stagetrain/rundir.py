@@ -35,11 +35,16 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from stagetrain.checkpoint import CheckpointStore, ManifestEntry, remove_orphan_temps
+from stagetrain.checkpoint import (
+    CheckpointStore,
+    ManifestEntry,
+    load_checkpoint,
+    remove_orphan_temps,
+)
 from stagetrain.errors import CheckpointError, RunDirError
 
 LOCK_NAME = ".stagetrain.lock"
@@ -49,6 +54,8 @@ OLD_PREFIX = ".replaced-"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tb")
 """What a run writes into its directory; other files (a scheduler's log, say) are left alone."""
 SUMMARY = "summary.json"
+SHARDED_MANIFEST = "sharded.json"
+"""The manifest of ``parallel: fsdp`` runs' sharded checkpoints (:mod:`stagetrain.train.dcp`)."""
 
 Action = Literal["fresh", "resume", "finished"]
 
@@ -264,8 +271,11 @@ def decide_run_dir(
             "--auto-resume to continue it when it has a checkpoint, or --overwrite to move "
             "its contents aside and start again; or choose another --run-dir"
         )
-    store = CheckpointStore(run_dir / "checkpoints")
-    entries, _ = store.candidates()
+    single = CheckpointStore(run_dir / "checkpoints")
+    entries, _ = single.candidates()
+    store = single if entries else None
+    if not entries:  # a sharded run (parallel: fsdp) lists its checkpoints elsewhere
+        entries = _sharded_entries(run_dir / "checkpoints")
     if not entries:
         if resume:
             raise CheckpointError(
@@ -278,7 +288,7 @@ def decide_run_dir(
             stacklevel=2,
         )
         return RunDirDecision("fresh", run_dir, moved_to=move_aside(run_dir, contents))
-    newest = store.latest_entry() or entries[-1]
+    newest = (store.latest_entry() if store is not None else None) or entries[-1]
     summary = _finished_summary(run_dir, newest)
     if summary is not None:
         return RunDirDecision("finished", run_dir, checkpoint=newest, summary=summary)
@@ -340,6 +350,30 @@ def open_run_dir(
             decision.summary,
             removed,
         )
+
+
+def _sharded_entries(directory: Path) -> list[ManifestEntry]:
+    """The sharded checkpoints ``sharded.json`` lists, oldest first, the newest one's state
+    counters read from its ``meta.pt`` (verification is the store's, at load time)."""
+    path = directory / SHARDED_MANIFEST
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text())
+        listed = [(str(e["file"]), int(e["step"]), str(e["stage"])) for e in raw["checkpoints"]]
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable sharded-checkpoint manifest ({exc})") from None
+    entries = [ManifestEntry(file, step, stage, None) for file, step, stage in listed]
+    if entries:
+        try:
+            state = load_checkpoint(directory / entries[-1].file / "meta.pt").get("state")
+        except CheckpointError:
+            state = None  # damaged: the store falls back to an older one when resuming
+        if isinstance(state, dict):
+            keys = ("step", "stage_index", "stage_step")
+            counters = {k: state[k] for k in keys if isinstance(state.get(k), int)}
+            entries[-1] = replace(entries[-1], state=counters)
+    return entries
 
 
 def _finished_summary(run_dir: Path, newest: ManifestEntry) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ naming the field, e.g. ``stages[1].duration: duration must be positive, got '0ba
 from stagetrain.config._base import BUILTIN_LOSSES, BUILTIN_METRICS, callable_name
 from stagetrain.config._curriculum import CurriculumConfig
 from stagetrain.config._files import config_diff, format_validation_error, load_config, parse_config
+from stagetrain.config._parallel import MixedPrecisionConfig, ParallelConfig
 from stagetrain.config._sources import (
     DataConfig,
     DifficultyConfig,
@@ -45,10 +46,12 @@ __all__ = [
     "Handoff",
     "LossTerm",
     "MetricSpec",
+    "MixedPrecisionConfig",
     "ModelConfig",
     "NonFiniteConfig",
     "OptimizerConfig",
     "PacingConfig",
+    "ParallelConfig",
     "SelectConfig",
     "SourceConfig",
     "StageConfig",

@@ -13,6 +13,7 @@ from pydantic import (
 )
 
 from stagetrain.config._base import _check_duration, _Config
+from stagetrain.config._parallel import ParallelConfig
 from stagetrain.config._sources import ModelConfig
 from stagetrain.config._stages import CheckpointConfig, GlobalLR, NonFiniteConfig, StageConfig
 from stagetrain.config._training import BatchConfig, EvalConfig, LossTerm, OptimizerConfig
@@ -51,6 +52,8 @@ class CurriculumConfig(_Config):
     """Pin batches in page-locked memory for faster copies to the GPU."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """DDP (default) or FSDP2 sharding across the ranks of a ``torchrun`` job."""
     global_lr: GlobalLR | None = None
     """When set, the LR at global step ``t`` is ``global_lr.lr * schedule(t)`` in every stage."""
 
@@ -108,6 +111,13 @@ class CurriculumConfig(_Config):
                         f"stages[{i}].advance.min_duration: {stage.advance.min_duration!r} is "
                         f"longer than the stage's duration {stage.duration!r}"
                     )
+        if self.precision == "fp16" and self.parallel.kind == "fsdp":
+            # torch's GradScaler checks each rank's own gradient shard for inf/NaN: the
+            # ranks could disagree on skipping a step.
+            raise ValueError(
+                "precision: 'fp16' is not supported with parallel.kind 'fsdp' (its gradient "
+                "scaler would decide per shard); use 'bf16', or parallel.mixed_precision"
+            )
         eval_names = [e.name for e in self.evals] + [e.name for s in self.stages for e in s.evals]
         dupes = sorted({n for n in eval_names if eval_names.count(n) > 1})
         if dupes:
@@ -149,6 +159,7 @@ class CurriculumConfig(_Config):
             "compile",
             "data_workers",
             "pin_memory",
+            "parallel",  # how the run is spread over ranks, not what it trains
         ):
             data.pop(run_only, None)
         return data

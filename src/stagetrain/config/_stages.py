@@ -98,6 +98,10 @@ class CheckpointConfig(_Config):
     every: str | None = None
     """Interval (a duration); checkpoints are also written at each stage end."""
     keep: int = Field(default=3, ge=1)
+    async_save: bool = False
+    """Write checkpoints in the background: training waits only while the state is
+    copied to host memory (``parallel: fsdp``: ``torch.distributed.checkpoint.async_save``;
+    ``ddp``: a writer thread). A checkpoint is listed in the manifest only once written."""
 
     @field_validator("every")
     @classmethod

@@ -15,7 +15,8 @@
 
 Both also get ``export.json`` (the run, checkpoint step, stage and SHA-256). The model is
 rebuilt from the run's ``config.yaml`` and loaded with the checkpoint's weights, which
-are read safely (``weights_only``, checksum verified); the export is written to a
+are read safely (``weights_only``, checksum verified); a sharded run's (``parallel:
+fsdp``) shards are consolidated first, in one process. The export is written to a
 temporary directory and renamed into place, and ``hf`` exports are loaded back and
 compared with the run's model before they are kept.
 """
@@ -28,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,18 +38,31 @@ from stagetrain.config import ModelConfig, load_config
 from stagetrain.errors import CheckpointError, ConfigError
 from stagetrain.registry import build_model
 
+if TYPE_CHECKING:
+    from stagetrain.train.dcp import ShardedEntry
+
 FORMATS = ("safetensors", "hf")
 CHECK_TOLERANCE = 1e-5
 """Largest |logit difference| accepted between an ``hf`` export loaded back and the run's model."""
 
 
-def select_checkpoint(run_dir: Path, step: int | None) -> tuple[dict[str, Any], ManifestEntry]:
+def select_checkpoint(
+    run_dir: Path, step: int | None
+) -> tuple[dict[str, Any], ManifestEntry | ShardedEntry]:
     """The newest intact checkpoint of ``run_dir``, or the one written at ``step``.
+
+    A sharded run's (``parallel: fsdp``) shards are consolidated into full tensors
+    (:func:`stagetrain.train.dcp.select_sharded`); the payload then holds ``model`` only.
 
     Raises:
         CheckpointError: when the run has no checkpoints, none at ``step``, or the chosen
             file fails its checksum.
     """
+    from stagetrain.train import dcp
+
+    if dcp.has_sharded(run_dir / "checkpoints"):
+        weights, sharded_entry = dcp.select_sharded(run_dir, step)
+        return {"model": weights}, sharded_entry
     store = CheckpointStore(run_dir / "checkpoints")
     if step is None:
         return store.load_latest()

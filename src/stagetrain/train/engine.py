@@ -37,9 +37,17 @@ class Engine(Protocol):
 
     info: DistInfo
     device: torch.device
+    sharded: bool
+    """Parameters are sharded over the ranks (FSDP): every forward pass is a collective
+    (all ranks run the same number of them) and checkpoints are sharded."""
 
     @property
     def is_main(self) -> bool: ...
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train, once, on :attr:`device` before any optimizer is built over
+        its parameters (FSDP shards it here; DDP wraps per stage in :meth:`wrap`)."""
+        ...
 
     def wrap(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
@@ -79,6 +87,10 @@ def grad_norm(model: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    if any(hasattr(g, "full_tensor") for g in grads):
+        # Sharded gradients (FSDP's DTensors): the norm is reduced over the shards.
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
@@ -90,9 +102,14 @@ class TorchEngine:
         device: the device to train and reduce on (default: ``cuda:LOCAL_RANK`` or CPU).
     """
 
+    sharded = False
+
     def __init__(self, info: DistInfo | None = None, device: torch.device | None = None) -> None:
         self.info = info if info is not None else init_from_env()
         self.device = device if device is not None else default_device(self.info)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
 
     @property
     def is_main(self) -> bool:
@@ -174,7 +191,9 @@ class AccelerateEngine(TorchEngine):
     """Hugging Face Accelerate: ``accelerate launch`` chooses the wrapper (DDP on CPU here).
 
     Accelerate's FSDP and DeepSpeed plugins shard the state, which this engine's
-    single-file checkpoints cannot hold: they are refused (use ``parallel: fsdp``).
+    single-file checkpoints cannot hold: they are refused. Sharded training is
+    ``parallel: fsdp`` with ``--engine torch``, which runs under ``accelerate launch`` as
+    under ``torchrun`` (both describe the job in the same environment variables).
     """
 
     def __init__(self, device: torch.device | None = None) -> None:
@@ -190,8 +209,10 @@ class AccelerateEngine(TorchEngine):
         if "FSDP" in kind or "DEEPSPEED" in kind:
             raise StageTrainError(
                 f"engine 'accelerate': its {kind.split('.')[-1]} configuration shards the model "
-                "and optimizer, which stagetrain's accelerate checkpoints cannot save; use the "
-                "torch engine with 'parallel: fsdp' for sharded training and checkpoints"
+                "and optimizer, which stagetrain's accelerate checkpoints cannot save; for "
+                "sharded training and checkpoints set 'parallel: {kind: fsdp}' (or --parallel "
+                "fsdp) and run with --engine torch (under torchrun or accelerate launch), "
+                "with accelerate's distributed_type left at MULTI_GPU/MULTI_CPU/NO"
             )
         info = DistInfo(
             self.accelerator.process_index,

@@ -72,6 +72,7 @@ class Evaluations:
             device=self.engine.device,
             rank=info.rank,
             world_size=info.world_size,
+            equal_batches=self.engine.sharded,  # FSDP: every rank runs every forward pass
         )
         metrics = finalize(eval_set, self.engine.sum(sums))
         self.logger.log(

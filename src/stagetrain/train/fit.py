@@ -17,9 +17,9 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from stagetrain.checkpoint import LOOP_KEYS, CheckpointStore, atomic_write_text
+from stagetrain.checkpoint import atomic_write_text
 from stagetrain.compat import ensure_compatible
-from stagetrain.config import CurriculumConfig, load_config
+from stagetrain.config import CurriculumConfig, ParallelConfig, load_config
 from stagetrain.curriculum import Curriculum
 from stagetrain.env import read_launch_env
 from stagetrain.errors import ConfigError, StageTrainError
@@ -35,6 +35,7 @@ from stagetrain.train.engine import AccelerateEngine, Engine, TorchEngine
 from stagetrain.train.preflight import preflight
 from stagetrain.train.progress import Reporter
 from stagetrain.train.runner import Runner
+from stagetrain.train.stores import RunStore, open_store
 
 OnChange = resuming.OnChange
 
@@ -68,14 +69,35 @@ def _as_curriculum(
     return Curriculum(config, datasets=datasets, has_teacher=teacher is not None)
 
 
-def make_engine(engine: str | Engine, device: str | torch.device | None) -> Engine:
-    """The engine object for ``engine`` (``torch``, ``accelerate``, or one already built)."""
+def make_engine(
+    engine: str | Engine,
+    device: str | torch.device | None,
+    parallel: ParallelConfig | None = None,
+) -> Engine:
+    """The engine object for ``engine`` (``torch``, ``accelerate``, or one already built)
+    and the config's ``parallel`` block (``fsdp``: :class:`~stagetrain.train.fsdp.FSDPEngine`)."""
     dev = torch.device(device) if device is not None else None
+    fsdp = parallel is not None and parallel.kind == "fsdp"
     if not isinstance(engine, str):
+        if fsdp and not getattr(engine, "sharded", False):
+            raise ConfigError(
+                f"parallel.kind: 'fsdp', but the engine passed to fit() "
+                f"({type(engine).__name__}) does not shard; pass engine='torch'"
+            )
         return engine
     if engine == "torch":
+        if fsdp:
+            from stagetrain.train.fsdp import FSDPEngine
+
+            assert parallel is not None
+            return FSDPEngine(parallel, device=dev)
         return TorchEngine(device=dev)
     if engine == "accelerate":
+        if fsdp:
+            raise ConfigError(
+                "parallel.kind: 'fsdp' runs on PyTorch's FSDP2 under the torch engine; use "
+                "--engine torch (it runs under accelerate launch as under torchrun)"
+            )
         return AccelerateEngine(device=dev)
     raise ConfigError(f"engine: expected 'torch' or 'accelerate', got {engine!r}")
 
@@ -122,7 +144,8 @@ def fit(
             methods; ``run.request_stop()`` ends training early.
         progress: show a progress bar (or plain lines when not on a terminal).
         tensorboard: write TensorBoard events (when the package is installed).
-        engine: ``torch`` (the process group ``torchrun`` describes, DDP), ``accelerate``
+        engine: ``torch`` (the process group ``torchrun`` describes; DDP, or FSDP2 under
+            the config's ``parallel: {kind: fsdp}``), ``accelerate``
             (for ``accelerate launch``), or an :class:`~stagetrain.train.engine.Engine`.
         handle_signals: on SIGTERM/SIGINT finish the current step, write a checkpoint and
             return (``FitResult.stopped_by``); a second signal exits at once. The CLI
@@ -137,7 +160,7 @@ def fit(
     """
     curriculum = _as_curriculum(curriculum, datasets, teacher)
     config = curriculum.config
-    eng = make_engine(engine, device)
+    eng = make_engine(engine, device, config.parallel)
     info = eng.info
     for stage in curriculum.stages:
         if stage.batch_size % info.world_size:
@@ -155,13 +178,18 @@ def fit(
             rundir.check_writable(run_path, needed)
         eng.barrier()
         model.to(eng.device)
+        model = eng.prepare(model)  # FSDP shards here, before any optimizer is built
         if teacher is None:
             teacher = curriculum.build_teacher()
         if teacher is not None:
             teacher.to(eng.device).eval()
         trainable = trainable_flags(model)
-        store = CheckpointStore(run_path / "checkpoints", keep=config.checkpoint.keep,
-                                required=LOOP_KEYS)  # fmt: skip
+        store = open_store(
+            run_path / "checkpoints",
+            keep=config.checkpoint.keep,
+            engine=eng,
+            async_save=config.checkpoint.async_save,
+        )
         start = _starting_point(action == "resume", store, curriculum, model, eng, on_change)
         eval_sets = preflight(
             curriculum, model, teacher, device=eng.device, rank=info.rank,
@@ -267,7 +295,7 @@ def _finished(run_path: Path) -> FitResult:
 
 def _starting_point(
     resume: bool,
-    store: CheckpointStore,
+    store: RunStore,
     curriculum: Curriculum,
     model: torch.nn.Module,
     eng: Engine,
@@ -277,19 +305,21 @@ def _starting_point(
     if not resume:
         torch.manual_seed(curriculum.config.seed)
         return _Start(TrainState())
-    payload, _entry = store.load_latest()
+    payload, entry = store.load_latest()
+    resuming.check_payload(payload, str(store.directory / str(getattr(entry, "file", ""))))
     state = resuming.check_resume(payload, curriculum, on_change)
     builder = resuming.optimizer_builder(curriculum, state)
     opt_cfg = curriculum.stages[builder].config.optimizer
     assert opt_cfg is not None
-    # Before anything is loaded or written: does the checkpoint fit this model and optimizer?
-    ensure_compatible(
-        model,
-        lambda m: build_optimizer(m.named_parameters(), opt_cfg),
-        payload,
-        context=f"resuming {store.directory.parent}"
-        + (f" with --on-change {on_change}" if on_change != "refuse" else ""),
-    )
+    if "model" in payload:  # a single-file checkpoint (a sharded one is checked as it loads)
+        # Before anything is loaded or written: does it fit this model and optimizer?
+        ensure_compatible(
+            model,
+            lambda m: build_optimizer(m.named_parameters(), opt_cfg),
+            payload,
+            context=f"resuming {store.directory.parent}"
+            + (f" with --on-change {on_change}" if on_change != "refuse" else ""),
+        )
     optimizer = resuming.restore(payload, curriculum, model, state, eng)
     return _Start(
         state, optimizer, int(payload["log_lines"]), payload.get("scaler"), payload.get("sampler")

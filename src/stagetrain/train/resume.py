@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -44,10 +45,28 @@ def capture(
     scaler: Any,
 ) -> dict[str, Any]:
     """The payload of a checkpoint (plain tensors and containers: weights-only loadable)."""
-    config = curriculum.config
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        **capture_meta(
+            curriculum=curriculum, state=state, rngs=rngs, log_lines=log_lines,
+            world_size=world_size, scaler=scaler,
+        ),
+    }  # fmt: skip
+
+
+def capture_meta(
+    *,
+    curriculum: Curriculum,
+    state: TrainState,
+    rngs: list[Any],
+    log_lines: int,
+    world_size: int,
+    scaler: Any,
+) -> dict[str, Any]:
+    """Everything of a checkpoint but the model and optimizer (plain data, from rank 0)."""
+    config = curriculum.config
+    return {
         "state": state.to_dict(),
         "rng": rngs,
         "fingerprint": config.fingerprint(),
@@ -66,7 +85,9 @@ def local_rng() -> dict[str, Any]:
 
 def check_payload(payload: dict[str, Any], where: str) -> None:
     """A checkpoint has every part resume needs."""
-    missing = [k for k in REQUIRED if k not in payload]
+    # A sharded checkpoint's model and optimizer are in its shards (see restore).
+    tensors = ("model", "optimizer") if "sharded" in payload else ()
+    missing = [k for k in REQUIRED if k not in payload and k not in tensors]
     if missing:
         raise CheckpointError(f"{where}: not a complete stagetrain checkpoint (missing {missing})")
 
@@ -171,8 +192,10 @@ def restore(
     size the checkpoint was written with; otherwise each rank's stream is re-seeded
     from (seed, step, rank), and a warning says so.
     """
+    sharded = payload.get("sharded")
     try:
-        model.load_state_dict(payload["model"])
+        if sharded is None:
+            model.load_state_dict(payload["model"])
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(
@@ -185,14 +208,22 @@ def restore(
     optimizer = build_optimizer(
         model.named_parameters(), opt_cfg, field=f"stages[{builder}].optimizer"
     )
-    _check_optimizer(payload["optimizer"], optimizer, f"stages[{builder}].optimizer")
-    try:
-        optimizer.load_state_dict(payload["optimizer"])
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"stages[{builder}].optimizer: the checkpoint's optimizer state does not fit "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
+    if sharded is not None:  # every rank reads the slices of its own shards
+        from stagetrain.train.dcp import load_sharded
+
+        load_sharded(
+            Path(sharded), model, optimizer, group=getattr(engine, "checkpoint_group", None),
+            where=f"stages[{builder}].optimizer",
+        )  # fmt: skip
+    else:
+        _check_optimizer(payload["optimizer"], optimizer, f"stages[{builder}].optimizer")
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"stages[{builder}].optimizer: the checkpoint's optimizer state does not fit "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
     state.optimizer_stage = builder
     rngs = payload["rng"]
     info = engine.info

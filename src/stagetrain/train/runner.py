@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from stagetrain.advance import AdvanceDecision, stage_end_message
-from stagetrain.checkpoint import CheckpointStore, atomic_write_text
+from stagetrain.checkpoint import atomic_write_text
 from stagetrain.config import AdvanceConfig
 from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.errors import CheckpointError, TrainingError
@@ -43,6 +43,7 @@ from stagetrain.train.guards import NonFiniteGuard, Rollback
 from stagetrain.train.meter import IntervalMeter
 from stagetrain.train.progress import Reporter
 from stagetrain.train.step import StepRunner
+from stagetrain.train.stores import RunStore
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Runner:
         curriculum: Curriculum,
         model: torch.nn.Module,
         engine: Engine,
-        store: CheckpointStore,
+        store: RunStore,
         logger: RunLogger,
         state: TrainState,
         optimizer: torch.optim.Optimizer | None,
@@ -164,8 +165,10 @@ class Runner:
                     self.roll_back(str(rollback))
                     continue
                 if ending is None:
+                    self.store.wait()  # a background checkpoint is complete before we return
                     return False
                 self.end_stage(stage, ending)
+            self.store.wait()
             self.finish()
             return True
         finally:
@@ -394,23 +397,20 @@ class Runner:
         self.meter.fold_tokens(self.state)
         self.state.elapsed_s = self.elapsed()
         rngs = self.engine.gather(resume.local_rng())  # a collective: every rank joins
-        if self.engine.is_main:
-            payload = resume.capture(
-                curriculum=self.curriculum,
-                model=self.model,
-                optimizer=self.optimizer,
-                state=self.state,
-                rngs=rngs,
-                log_lines=self.logger.lines,
-                world_size=self.engine.info.world_size,
-                scaler=self.steps.scaler,
-            )
-            sampler_state = getattr(self.current_stage.sampler, "resume_state", None)
-            if sampler_state is not None and self.state.stage_index < len(self.curriculum.stages):
-                payload["sampler"] = sampler_state(self.state.stage_step)
-            path = self.store.save(payload, step=self.state.step, stage=stage.name)
+        meta = resume.capture_meta(
+            curriculum=self.curriculum, state=self.state, rngs=rngs, log_lines=self.logger.lines,
+            world_size=self.engine.info.world_size, scaler=self.steps.scaler,
+        )  # fmt: skip
+        sampler_state = getattr(self.current_stage.sampler, "resume_state", None)
+        if sampler_state is not None and self.state.stage_index < len(self.curriculum.stages):
+            meta["sampler"] = sampler_state(self.state.stage_step)
+        # Single files: rank 0 writes; sharded (FSDP): every rank writes its shards.
+        path = self.store.save(
+            model=self.model, optimizer=self.optimizer, meta=meta, step=self.state.step,
+            stage=stage.name,
+        )  # fmt: skip
+        if path is not None:
             self.emit("on_checkpoint", path)
-        self.engine.barrier()
         self.meter.pause(time.perf_counter() - started)
 
     def roll_back(self, detail: str) -> None:
