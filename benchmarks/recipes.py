@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from stagetrain.compare import Analysis, TargetMetric, compare, markdown_table, read_run
+from stagetrain.workers import default_threads
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tables import recipe_markdown
@@ -34,10 +36,18 @@ from tables import recipe_markdown
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 RESULTS = Path(__file__).parent / "results"
+JOBS = 2
+THREADS: int | None = None
+"""Torch threads per run (``--threads``; None: the cores // jobs, compare's default)."""
+FLAGS = ""
+"""The command-line options that shape the runs, as recorded in each result's command."""
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available, torch {torch.__version__}"
+    threads = THREADS or default_threads(JOBS)
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared "
+            f"with other jobs), no GPU, {JOBS} run(s) at a time, {threads} torch thread(s) per "
+            f"run, torch {torch.__version__}")  # fmt: skip
 
 
 def run_compare(
@@ -50,6 +60,7 @@ def run_compare(
     metric: str,
     target: float | None = None,
 ) -> Analysis:
+    """``stagetrain.compare`` with the torch threads per run given by ``--threads``."""
     print(f"== {config.name}: arms {arms}, {seeds} seeds -> {out}", flush=True)
     return compare(
         config,
@@ -59,6 +70,7 @@ def run_compare(
         jobs=jobs,
         metric=metric,
         target=target,
+        threads=THREADS,
         echo=lambda line: print("  " + line, flush=True),
     )
 
@@ -75,7 +87,7 @@ def write_result(name: str, quick: bool, text: str, data: dict[str, Any]) -> Non
 def write_recipe(name: str, quick: bool, description: str, tables: list[dict[str, Any]],
                  *, notes: Sequence[str] = (), extra: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Store a recipe's per-seed values and the table tables.py renders from them."""
-    command = f"python benchmarks/recipes.py {name}{' --quick' if quick else ''}"
+    command = f"python benchmarks/recipes.py {name}{' --quick' if quick else ''}{FLAGS}"
     data = {"recipe": name, "quick": quick, "command": command, "machine": machine(),
             "description": description, "tables": tables, "notes": list(notes),
             "extra": extra or {}}  # fmt: skip
@@ -329,12 +341,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)"
+    )
+    parser.add_argument(
         "--shapes-epochs",
         type=int,
         default=32,
         help="shapes: total epochs (the paper's 256 scaled down; default 32 = 1/8)",
     )
     args = parser.parse_args()
+    global JOBS, THREADS, FLAGS
+    JOBS, THREADS = args.jobs, args.threads
+    FLAGS = f" --jobs {args.jobs}" + (f" --threads {args.threads}" if args.threads else "")
     for name, fn in RECIPES.items():
         if args.recipe in (name, "all"):
             if name == "shapes":

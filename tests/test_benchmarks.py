@@ -1,0 +1,133 @@
+"""The benchmark scripts still fit the library's API: each imports, and the LLM comparison
+builds its arms, its comparison description and its tables (nothing is trained)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from stagetrain.compare import CompareSpec, run_all
+from stagetrain.config import CurriculumConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+
+
+def load(stem: str) -> ModuleType:
+    """Import ``benchmarks/<stem>.py`` as a module without running its ``main``."""
+    path = BENCHMARKS / f"{stem}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{stem.replace('-', '_')}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)  # recipes.py puts benchmarks/ on the path to import tables.py
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+def test_every_benchmark_script_is_found() -> None:
+    assert {"llm", "recipes", "tables", "compare_overhead"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("stem", SCRIPTS)
+def test_benchmark_script_imports(stem: str) -> None:
+    module = load(stem)
+    assert callable(getattr(module, "main", None)) or stem == "tables", stem
+
+
+def quick_arms() -> tuple[ModuleType, dict[str, CurriculumConfig]]:
+    llm = load("llm")
+    config = yaml.safe_load((ROOT / "examples" / "llm_two_stage_quick.yaml").read_text())
+    return llm, llm.arm_configs(config)
+
+
+def test_llm_arms_from_the_quick_recipe() -> None:
+    _, arms = quick_arms()
+    assert list(arms) == ["curriculum", "long-only", "mix"]
+    curriculum, long_only, mix = arms.values()
+    assert [s.seq_len for s in curriculum.stages] == [64, 256]
+    assert [s.seq_len for s in long_only.stages] == [256, 256]
+    # long-only changes the context only: the same stages, lengths and optimizers
+    for ours, theirs in zip(curriculum.stages, long_only.stages, strict=True):
+        assert (ours.name, ours.duration, ours.optimizer) == (
+            theirs.name,
+            theirs.duration,
+            theirs.optimizer,
+        )
+    (stage,) = mix.stages
+    assert stage.seq_len == 256 and stage.optimizer is not None
+    assert stage.optimizer.schedule is not None and stage.optimizer.schedule.kind == "wsd"
+    # the mixture's code share is the curriculum's overall one: (T1 + 0.3 T2) / (T1 + T2)
+    weights = {s.name: s.weight for s in stage.data.sources}
+    assert all(isinstance(w, float) for w in weights.values())
+    t1, t2 = 1.2e5, 4.0e4
+    assert weights["code"] == pytest.approx((t1 + 0.3 * t2) / (t1 + t2))
+    assert weights["docs"] == pytest.approx(0.7 * t2 / (t1 + t2))
+
+
+def test_llm_comparison_description_fits_run_all() -> None:
+    llm, arms = quick_arms()
+    spec = llm.build_spec(arms, 3)
+    assert isinstance(spec, CompareSpec)
+    assert spec.arms == ["curriculum", "long-only", "mix"]
+    assert spec.seeds == spec.init_seeds == [0, 1, 2] and spec.data_seeds == [0, 1, 2]
+    assert {"val_docs.loss", "val_code.loss"} <= set(spec.metrics)
+    # another arm definition is another comparison
+    other = dict(arms, mix=arms["long-only"])
+    assert llm.build_spec(other, 3).fingerprint != spec.fingerprint
+    # the call main() makes, checked against run_all's signature without running it
+    inspect.signature(run_all).bind(
+        Path("out"), spec, arms, jobs=1, threads=1, echo=lambda line: None
+    )
+
+
+def test_llm_tables_from_per_seed_values() -> None:
+    llm = load("llm")
+    seeds = [0, 1, 2, 3, 4]
+
+    def arm(finals: list[float]) -> dict[str, Any]:
+        # one evaluation halfway at loss + 1, then the final value at 100 tokens
+        return {"final": finals, "curve": [[[50, v + 1.0], [100, v]] for v in finals]}
+
+    losses = {
+        "curriculum": arm([5.0, 5.1, 5.2, 5.0, 5.1]),
+        "long-only": arm([5.5, 5.6, 5.4, 5.5, 5.7]),
+        "mix": arm([5.0, 5.2, 5.1, 5.1, 5.0]),
+    }
+    data = {
+        "seeds": seeds,
+        "data_seeds": seeds,
+        "metrics": {"val_docs.loss": losses},
+        "wall_s": {a: [1.0] * 5 for a in losses},
+        "eval_every": "50tok",
+        "quick": True,
+        "command": "python benchmarks/llm.py --quick",
+        "machine": "test",
+        "config": "examples/llm_two_stage_quick.yaml",
+        "elapsed_s": 60.0,
+    }
+    text = llm.render(data)
+    # the comparison rows (the per-arm summary rows come first and have no "seeds)")
+    rows = {
+        line.split(" | ")[0]: line
+        for line in text.splitlines()
+        if line.startswith("| ") and "seeds)" in line
+    }
+    assert "better on 5/5 seeds" in rows["| long-only"]
+    # 5 seeds: the exact test's smallest p is 2/32, so nothing is significant
+    assert "no significant difference (p = 0.0625)" in rows["| long-only"]
+    assert "smallest possible p is 0.0625" in text
+    # the curriculum reaches long-only's median final (5.5) at its last evaluation on
+    # every seed, long-only itself on 3 of 5
+    assert "5/5 [0.48, 1.00], median 100" in rows["| long-only"]
+    assert "3/5 [0.15, 0.95], median 100" in rows["| long-only"]
