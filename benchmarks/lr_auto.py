@@ -295,7 +295,8 @@ def bench_recipe(recipe: Recipe, quick: bool, seeds: int, jobs: int) -> dict[str
         for arm in arms
     }  # fmt: skip
     budget = parse_config(base)
-    planned = sum(s.context.samples(s.steps) for s in Curriculum(budget, progress=False).stages)
+    planned_stages = Curriculum(budget, progress=False).stages
+    planned = sum(s.context.samples(s.steps) for s in planned_stages)
     return {
         "recipe": recipe.name,
         "config": str(recipe.config.relative_to(ROOT)),
@@ -310,7 +311,9 @@ def bench_recipe(recipe: Recipe, quick: bool, seeds: int, jobs: int) -> dict[str
         "per_stage_scores": per_scores,
         "per_stage_lrs": per_lrs,
         "auto_options": recipe.auto,
+        "auto_defaults": AutoLRConfig().model_dump(mode="json"),
         "planned_samples": planned,
+        "stage_steps": [s.steps for s in planned_stages],
         "table": {
             "title": recipe.name,
             "metric": recipe.metric,
@@ -350,11 +353,18 @@ def recipe_text(entry: dict[str, Any]) -> list[str]:
         f"{entry['tune_seeds']}); grid-per-stage {_lrs_text(entry['per_stage_lrs'])} "
         f"(best of {len(entry['per_stage_scores'])} combinations on the curriculum)."
     )
+    steps = entry.get("stage_steps")  # absent from results of before trial_steps shares
     budgets = ", ".join(
-        f"{stage} {AutoLRConfig(**opts).search_steps} steps ({opts})"
-        for stage, opts in zip(stages, entry["auto_options"], strict=True)
+        f"{stage} {AutoLRConfig(**opts).search_steps(steps[i]):,} steps ({opts})"
+        if steps
+        else f"{stage} ({opts})"
+        for i, (stage, opts) in enumerate(zip(stages, entry["auto_options"], strict=True))
     )
     lines.append(f"Search budget per stage (`optimizer.auto`): {budgets}.")
+    if "auto_defaults" in entry:
+        shown = ("rule", "fraction", "ladder", "candidates", "spread", "eta")
+        others = ", ".join(f"{k} {entry['auto_defaults'][k]}" for k in shown)
+        lines.append(f"Other search options at the library's defaults: {others}.")
     for arm in ("auto", "auto-counted"):
         costs = [c for c in entry["search"][arm] if c is not None]
         if not costs:

@@ -20,10 +20,12 @@ from conftest import tiny_config_dict
 from helpers_for_tests import StopAt
 
 from stagetrain import Curriculum, OptimizerConfig, TrainState, fit, parse_config
+from stagetrain.config import AutoLRConfig
 from stagetrain.errors import ConfigError, StageTrainError, TrainingError
 from stagetrain.handoff import enter_stage, trainable_flags
 from stagetrain.logs import read_records
-from stagetrain.lr_search import LocalBackend, SearchData, search_lr
+from stagetrain.lr_search import LocalBackend, SearchData, describe_search, search_lr
+from stagetrain.lr_search.rules import candidate_lrs
 from stagetrain.plan import make_plan
 from stagetrain.rng import rng_state
 from stagetrain.train import lr_auto
@@ -87,6 +89,10 @@ def test_checkpoints_from_before_lr_auto_load() -> None:
         ({"lr": 0.1, "auto": {}}, r"stages\[1\]\.optimizer\.auto: options of the LR search; they need lr: auto"),
         ({"lr": "auto", "auto": {"lr_min": 1, "lr_max": 0.5}}, r"stages\[1\]\.optimizer\.auto: lr_min \(1\) must be below lr_max \(0\.5\)"),
         ({"lr": "auto", "auto": {"holdout": 0.7}}, r"stages\[1\]\.optimizer\.auto\.holdout: a fraction .* at most 0\.5"),
+        # trial_steps: a count or a share of the stage; range_steps: a count only
+        ({"lr": "auto", "auto": {"trial_steps": 0.7}}, r"stages\[1\]\.optimizer\.auto\.trial_steps: must be a count of steps \(an integer >= 1\) or a fraction in \(0, 0\.5\] of the stage's steps, got 0\.7"),
+        ({"lr": "auto", "auto": {"trial_steps": 0}}, r"stages\[1\]\.optimizer\.auto\.trial_steps: must be a count of steps .* got 0"),
+        ({"lr": "auto", "auto": {"range_steps": 0.1}}, r"stages\[1\]\.optimizer\.auto\.range_steps: "),
         # a search budget larger than the stage
         ({"lr": "auto", "auto": {**SEARCH, "range_steps": 100}}, r"stages\[1\]\.optimizer\.auto: the LR search trains 145 steps \(100 range test \+ 45 trials\), more than the stage's 120"),
         # a stage too small to hold out a slice (400 samples)
@@ -121,6 +127,31 @@ def test_plan_shows_auto_with_its_budget_and_counted_budget_shortens_the_stage()
     counted = Curriculum(parse_config(auto_config(count_budget=True)))
     assert counted.stages[1].steps == 120 - 75
     assert "search 75 steps (1,200 samples, counted)" in make_plan(counted).format()
+
+
+def test_trial_steps_as_a_share_are_sized_by_the_stage_duration_even_when_counted() -> None:
+    cfg = AutoLRConfig(range_steps=30, trial_steps=0.05)
+    assert cfg.rungs(100) == [(5, 5), (2, 10)]
+    assert cfg.rungs(1000) == [(5, 50), (2, 100)]
+    assert cfg.search_steps(100) == 30 + 25 + 20
+    assert AutoLRConfig(trial_steps=0.001).rungs(100)[0] == (5, 1)  # at least one step
+    assert AutoLRConfig(trial_steps=7).rungs(10_000)[0] == (5, 7)  # a count stays a count
+    # counted: the stage trains its duration minus the search, and the search (of 5 % of
+    # the 120-step duration, not of the 45 steps left) is the same 75 steps as uncounted
+    share = {"range_steps": 30, "trial_steps": 5 / 120}
+    counted = Curriculum(parse_config(auto_config(count_budget=True, **share))).stages[1]
+    assert counted.steps == 120 - 75 and counted.duration_steps == 120
+    assert "search 75 steps" in make_plan(Curriculum(parse_config(auto_config(**share)))).format()
+    assert "search 75 steps (1,200 samples, counted)" in describe_search(counted)
+
+
+def test_the_default_ladder_lies_below_the_pick_and_centred_around_it() -> None:
+    below = candidate_lrs(1.0, AutoLRConfig(spread=2.0))
+    assert below == pytest.approx([1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0])
+    assert AutoLRConfig().ladder == "below"
+    centred = candidate_lrs(1.0, AutoLRConfig(spread=2.0, ladder="centred"))
+    assert centred == pytest.approx([1 / 4, 1 / 2, 1.0, 2.0, 4.0])
+    assert candidate_lrs(1.0, AutoLRConfig(candidates=1)) == [1.0]
 
 
 # --- the search itself -----------------------------------------------------------------------
@@ -254,11 +285,13 @@ def test_picks_the_known_optimal_sgd_lr_of_a_quadratic_within_a_factor_of_two(
 def test_every_candidate_diverging_falls_back_to_the_smallest_with_a_warning(
     tmp_path: Path,
 ) -> None:
-    # The range test starts at 100 (its pick: 10, the candidates 2.5 ... 40) on a quadratic
-    # whose divergence starts at 2 / h_max = 1.
+    # The range test starts at 100 (its pick: half its edge, >= 50, the candidates by a
+    # factor 2 down to pick / 16 >= 3.1) on a quadratic whose divergence starts at
+    # 2 / h_max = 1.
     _, model, curriculum = quadratic_stage(
-        [0.25, 0.4, 0.7, 1.0], lr_min=100.0, lr_max=1000.0, range_steps=10, trial_steps=5
-    )
+        [0.25, 0.4, 0.7, 1.0], lr_min=100.0, lr_max=1000.0, range_steps=10, trial_steps=5,
+        spread=2.0,
+    )  # fmt: skip
     with pytest.raises(TrainingError, match="non-finite loss"):  # 2.5 diverges too, as found
         fit(model, curriculum, run_dir=tmp_path / "run", progress=False, tensorboard=False)
     search = records(tmp_path / "run", "lr_search")[0]
@@ -523,7 +556,7 @@ def test_a_diverging_tail_does_not_hide_the_range_tests_minimum() -> None:
               2.25, 2.25, 2.23, 2.14, 1.95, 1.76, 1.19, 2.05, 7.42, 25.2]  # fmt: skip
     pick, edge, _ = pick_lr(lrs, losses, AutoLRConfig())
     assert edge is not None and lrs[14] <= edge <= lrs[16]
-    assert pick == pytest.approx(0.1 * edge)
+    assert pick == pytest.approx(AutoLRConfig().fraction * edge)
 
 
 def test_on_a_plateau_the_edge_is_where_the_loss_starts_to_rise() -> None:
@@ -537,3 +570,20 @@ def test_on_a_plateau_the_edge_is_where_the_loss_starts_to_rise() -> None:
     losses = [*(0.69 + 0.02 * rng.standard_normal(24)), 0.88, 3.39, 1.53, 14.3]
     _, edge, _ = pick_lr(lrs, losses, AutoLRConfig())
     assert edge in (lrs[22], lrs[23])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_on_a_noisy_plateau_an_early_excursion_is_not_the_divergence_point(seed: int) -> None:
+    """A per-batch loss with 15 % noise (small batches of noisy labels) stays flat for 80
+    LRs, then rises for good: the edge is where it leaves the plateau, not where noise
+    first crossed the threshold (which put it at the first LRs on the development set's
+    noisy-label stage), nor where noise made the smoothed curve dip. (The moving average
+    lags the rise by a step or two: at most 1.15^3 = 1.5x in LR.)"""
+    from stagetrain.config import AutoLRConfig
+    from stagetrain.lr_search import pick_lr
+
+    rng = np.random.default_rng(seed)
+    lrs = [1e-6 * 1.15**i for i in range(90)]
+    losses = [*(1.7 + 0.25 * rng.standard_normal(80)), 2.0, 2.2, 2.6, 3.0, 3.5, 4.5, 6, 8, 10, 14]
+    _, edge, _ = pick_lr(lrs, losses, AutoLRConfig())
+    assert edge is not None and lrs[75] <= edge <= lrs[83], (edge, lrs.index(edge))

@@ -144,6 +144,7 @@ class Curriculum:
         tokens = mixture_tokens_per_sample(own, initial, cfg.seq_len, self.fmt)
         ctx = TimeContext(batch_size, tokens, epoch_samples)
         steps = self._stage_steps(cfg, ctx, field)
+        duration_steps = steps
         steps = lr_search.training_steps(cfg, steps, field=field)  # lr: auto, count_budget
         ctx = TimeContext(ctx.batch_size, ctx.tokens_per_sample, ctx.epoch_samples, steps)
         own_weights = [_weight_schedule(s.weight, steps, ctx) for s in cfg.data.sources]
@@ -214,6 +215,7 @@ class Curriculum:
             seed=self.config.seed,
             paced=paced,
             tokens_per_source=[tokens_per_sample(d, cfg.seq_len, self.fmt) for d in datasets],
+            duration_steps=duration_steps,
         )
 
     def _source(

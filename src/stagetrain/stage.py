@@ -64,6 +64,9 @@ class Stage:
     """The searched peak LR of an ``lr: auto`` stage, once its search ran (set by
     :mod:`stagetrain.lr_search`'s drivers; :func:`stagetrain.fit` sets it at the stage's
     start or from the checkpoint)."""
+    duration_steps: int = 0
+    """Steps of the stage's duration before a counted ``lr: auto`` search is taken off
+    (0: :attr:`steps`); a search sized by fractions of the stage is sized by this."""
     _sampler: StageSampler | PacedSampler | None = field(default=None, repr=False)
 
     @property

@@ -11,24 +11,28 @@ hand-off), in two measurements:
    finite). For the pick the loss curve is smoothed by an exponential moving average
    run forwards and then backwards, which has no lag along the LR axis (values above
    the starting level capped first, so a diverging tail does not leak backwards). The
-   *edge* is the LR where the smoothed loss is lowest — if it dipped at least 5 %
-   below its starting level; on a plateau (no such dip: the minimum would be noise) it
-   is the *divergence point*, the last LR before the loss's moving average first rises
-   5 % above its starting level (and the earlier of the two when both exist). The
-   pick is, by ``rule``:
+   *edge* is the LR where the smoothed loss is lowest — if it dipped below its
+   starting level by more than a margin, 5 % of it or 1.5 standard deviations of the
+   per-step loss noise, whichever is more; on a plateau (no such dip: the minimum
+   would be noise) it is the *divergence point*, the last LR at which the loss's
+   moving average is still within that margin of its starting level (the last, not
+   the first beyond it: a noisy per-batch loss crosses any threshold by chance on a
+   long plateau, and comes back). The pick is, by ``rule``:
 
-   * ``divergence`` (default): ``fraction`` (default 0.1) x the edge — the classic
-     "a tenth of where the loss turns";
+   * ``divergence`` (default): ``fraction`` (default 0.5) x the edge, the top of the
+     candidates' ladder (the classic single pick is a tenth of where the loss turns;
+     the ladder reaches below that);
    * ``steepest``: the LR below the edge where the smoothed loss falls fastest per unit
      of log(LR).
 
 2. **Successive halving** (Jamieson & Talwalkar 2016): ``candidates`` LRs, the pick x
-   ``spread``^k for k centred on 0 (five candidates: pick/4 ... 4 pick, i.e. the edge
-   / 40 ... the edge x 0.4 by default), each trained
-   from the stage's start for ``trial_steps`` at its constant LR and scored by the
-   stage's own loss on a held-out slice; the best ``1 / eta`` train again from the
-   start for ``eta`` x as many steps, and so on down to two; the best of the last rung
-   wins. A candidate whose training loss is not finite, or whose held-out loss exceeds
+   ``spread``^k for k = 0, -1, ... (``ladder: below``, the default: five candidates
+   with spread sqrt(10), the edge / 2 ... the edge / 200) or k centred on 0 (``ladder:
+   centred``), each trained from the stage's start for
+   ``trial_steps`` (a count, or a share of the stage's steps) at its constant LR and
+   scored by the stage's own loss on a held-out slice; the best ``1 / eta`` train
+   again from the start for ``eta`` x as many steps, and so on down to two; the best of
+   the last rung wins. A candidate whose training loss is not finite, or whose held-out loss exceeds
    ``divergence`` x the held-out loss at the stage's start, has diverged and never
    wins. When every candidate of the last rung diverged the smallest candidate is
    chosen and the result says ``fallback`` (drivers log a warning).
@@ -37,7 +41,8 @@ The stage then trains with the chosen LR as its peak, times its warmup and sched
 (the search itself runs at constant LRs and without the stage's warmup). Trials of a
 few steps favour LRs that make quick progress: on long stages of noisy tasks they can
 choose higher LRs than the best for the whole stage (short-horizon bias; see
-benchmarks/README.md for how large that is on the built-in recipes).
+benchmarks/README.md for how large that is on the built-in recipes), which is why the
+default ladder lies below the pick.
 
 Determinism: every unit of the search (the start score, the range test, each trial)
 begins from the same snapshot with the random generators seeded by (seed, stage,
@@ -58,7 +63,7 @@ with the stage's batch size and mixture weights, and every trial sees the same b
     (the stage itself still trains on all of its data, as planned)
 
 Budget: ``range_steps + sum_k n_k x trial_steps x eta^k`` training steps of the
-stage's batch size (:attr:`~stagetrain.config.AutoLRConfig.search_steps`) and one
+stage's batch size (:meth:`~stagetrain.config.AutoLRConfig.search_steps`) and one
 held-out pass per trial. They are not part of the stage's duration unless
 ``count_budget: true``, which shortens the stage's training by the search's steps.
 
@@ -76,6 +81,7 @@ from stagetrain.lr_search.backend import SearchCache as SearchCache
 from stagetrain.lr_search.checks import check_stage as check_stage
 from stagetrain.lr_search.checks import describe_search as describe_search
 from stagetrain.lr_search.checks import holdout_counts as holdout_counts
+from stagetrain.lr_search.checks import horizon as horizon
 from stagetrain.lr_search.checks import training_steps as training_steps
 from stagetrain.lr_search.results import SearchData as SearchData
 from stagetrain.lr_search.results import SearchResult as SearchResult
@@ -97,6 +103,7 @@ __all__ = [
     "check_stage",
     "describe_search",
     "holdout_counts",
+    "horizon",
     "pick_lr",
     "range_edge",
     "search_lr",

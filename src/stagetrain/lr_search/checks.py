@@ -28,7 +28,7 @@ def training_steps(cfg: StageConfig, steps: int, *, field: str) -> int:
     if opt is None or not opt.is_auto:
         return steps
     auto = opt.search
-    need = auto.search_steps
+    need = auto.search_steps(steps)
     counted = auto.count_budget
     if need > steps or (counted and need >= steps):
         raise ConfigError(
@@ -38,6 +38,11 @@ def training_steps(cfg: StageConfig, steps: int, *, field: str) -> int:
             f"{steps:,}; lower range_steps, trial_steps or candidates"
         )
     return steps - need if counted else steps
+
+
+def horizon(stage: Stage) -> int:
+    """The steps a search is sized by: the stage's duration (a counted search included)."""
+    return stage.duration_steps or stage.steps
 
 
 def check_stage(stage: Stage, config: CurriculumConfig) -> None:
@@ -87,7 +92,7 @@ def describe_search(stage: Stage) -> str:
     if opt is None or not opt.is_auto:
         return ""
     auto = opt.search
-    steps = auto.search_steps
+    steps = auto.search_steps(horizon(stage))
     counted = "counted" if auto.count_budget else "not counted"
     return f"search {steps:,} steps ({steps * stage.batch_size:,} samples, {counted})"
 

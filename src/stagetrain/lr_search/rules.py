@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stagetrain.config import AutoLRConfig
-
-if TYPE_CHECKING:
-    pass
-
-
-# --- checks before training -----------------------------------------------------------------
-
 
 DIP = 0.05
 """A range test's loss must fall (rise) this fraction below (above) its starting level for
@@ -51,26 +43,47 @@ def smooth(values: Sequence[float] | np.ndarray, beta: float) -> np.ndarray:
     return _ema(_ema(x, beta)[::-1], beta)[::-1]
 
 
+NOISE_MARGIN = 1.5
+"""A move of the smoothed loss counts when it exceeds this many standard deviations of the
+per-step loss noise (or :data:`DIP`): on a flat, noisy plateau the smoothed curve's
+minimum lies about 0.8 of them below the plateau in 95 % of cases (the zero-phase
+smoothing of :func:`smooth` with factor 0.8; simulated), and the starting level, a
+median of a tenth of the curve, is itself off by up to about 0.7 of them."""
+
+
+def _margin(x: np.ndarray, start: float) -> float:
+    """How far the smoothed loss must move from its starting level to count: :data:`DIP`
+    of it or :data:`NOISE_MARGIN` standard deviations of the loss's noise, whichever is
+    more. The noise is estimated from the first half's successive differences (a robust
+    median), which a trend in the loss does not inflate."""
+    half = x[: max(4, len(x) // 2)]
+    steps = np.diff(half)
+    noise = 1.4826 * float(np.median(np.abs(steps - np.median(steps)))) / math.sqrt(2)
+    return max(DIP * abs(start), NOISE_MARGIN * noise)
+
+
 def range_edge(losses: Sequence[float], beta: float) -> tuple[int, np.ndarray]:
     """Index of the range test's edge and the smoothed curve.
 
-    When the smoothed loss dips :data:`DIP` below its starting level, the edge is its
-    minimum. On a plateau (no such dip: the minimum is noise) it is the *divergence
-    point*, the last step before the loss's causal moving average first rises above the
-    starting level by :data:`DIP` or by three standard deviations of that average on
-    the plateau, whichever is more (the noise estimated from the first half's spread).
+    When the smoothed loss dips below its starting level by more than the margin (of
+    :func:`_margin`: :data:`DIP`, or :data:`NOISE_MARGIN` standard deviations of the
+    loss's noise), the edge is its minimum. On a plateau (no such dip: the minimum is
+    noise) it is the *divergence point*, where the loss leaves the plateau for good: the
+    last step at which the loss's causal moving average is still within the margin of
+    the starting level. The last such step, not the first step beyond: a noisy
+    per-batch loss (small batches, noisy labels) crosses any threshold by chance
+    somewhere on a long plateau, and comes back; by the same noise a plateau's smoothed
+    minimum lies below its start, which is why a dip must exceed the noise too.
     """
     x = np.asarray(losses, dtype=np.float64)
     curve = smooth(x, beta)
     start = _start_level(x)
+    margin = _margin(x, start)
     low = int(np.argmin(curve))
-    if curve[low] < start * (1 - DIP):
+    if curve[low] < start - margin:
         return low, curve
-    half = x[: max(3, len(x) // 2)]
-    noise = 1.4826 * float(np.median(np.abs(half - np.median(half))))
-    margin = max(DIP * abs(start), 3 * noise * math.sqrt((1 - beta) / (1 + beta)))
-    above = np.nonzero(_ema(x, beta) > start + margin)[0]
-    return (max(int(above[0]) - 1, 0) if len(above) else len(x) - 1), curve
+    within = np.nonzero(_ema(x, beta) <= start + margin)[0]
+    return (int(within[-1]) if len(within) else 0), curve
 
 
 def pick_lr(
@@ -94,6 +107,9 @@ def pick_lr(
 
 
 def candidate_lrs(pick: float, cfg: AutoLRConfig) -> list[float]:
-    """``pick x spread^k`` for ``candidates`` values of k centred on 0, ascending."""
+    """``pick x spread^k``, ascending, for ``candidates`` values of k: centred on 0
+    (``ladder: centred``) or 0, -1, -2, ... (``ladder: below``: the pick is the top)."""
+    if cfg.ladder == "below":
+        return [pick * cfg.spread ** (i - cfg.candidates + 1) for i in range(cfg.candidates)]
     first = -((cfg.candidates - 1) // 2)
     return [pick * cfg.spread ** (first + i) for i in range(cfg.candidates)]

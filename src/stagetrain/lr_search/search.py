@@ -28,6 +28,7 @@ from stagetrain.lr_search.backend import (
     SearchCache,
     _NoCache,
 )
+from stagetrain.lr_search.checks import horizon
 from stagetrain.lr_search.results import (
     SearchData,
     SearchResult,
@@ -80,7 +81,10 @@ def search_lr(
     cfg = cfg if cfg is not None else stage.config.optimizer.search
     cache = cache if cache is not None else _NoCache()
     say = echo or (lambda line: None)
-    longest = max([cfg.range_steps] + [steps for _, steps in cfg.rungs()])
+    stage_steps = horizon(stage)
+    range_steps = cfg.range_steps
+    rungs = cfg.rungs(stage_steps)
+    longest = max([range_steps] + [steps for _, steps in rungs])
     data = SearchData(stage, cfg, seed, longest)
     rank, world = backend.rank, backend.world_size
     micro = stage.config.grad_accum
@@ -121,8 +125,8 @@ def search_lr(
                 return step + 1
         return steps
 
-    ratio = (cfg.lr_max / cfg.lr_min) ** (1.0 / (cfg.range_steps - 1))
-    ramp = [cfg.lr_min * ratio**i for i in range(cfg.range_steps)]
+    ratio = (cfg.lr_max / cfg.lr_min) ** (1.0 / (range_steps - 1))
+    ramp = [cfg.lr_min * ratio**i for i in range(range_steps)]
     snapshot = _Snapshot(model, optimizer, backend)
     saved_rng = rng_state()
     done: dict[str, Any] = backend.broadcast(cache.load() if rank == 0 else None) or {}
@@ -154,7 +158,7 @@ def search_lr(
                 state["best"] = min(state["best"], avg)
                 return step >= 2 and avg > cfg.divergence * state["best"]
 
-            ran = train(0.0, cfg.range_steps, watch)
+            ran = train(0.0, range_steps, watch)
             return {"steps": ran, "losses": [_finite(v) for v in losses]}
 
         ranged = unit("range", range_test)
@@ -172,7 +176,7 @@ def search_lr(
         trials: list[Trial] = []
         alive = list(candidates)
         limit = cfg.divergence * start_score if math.isfinite(start_score) else math.inf
-        for rung, (_count, steps) in enumerate(cfg.rungs()):
+        for rung, (_count, steps) in enumerate(rungs):
             scored: list[Trial] = []
             for lr in alive:
 

@@ -24,7 +24,7 @@ from stagetrain.curriculum import Curriculum, Stage
 from stagetrain.distributed import DistInfo
 from stagetrain.errors import CheckpointError, ConfigError
 from stagetrain.handoff import apply_freeze, enter_stage, trainable_flags
-from stagetrain.lr_search import LocalBackend, SearchResult, search_lr
+from stagetrain.lr_search import LocalBackend, SearchResult, horizon, search_lr
 from stagetrain.state import TrainState
 from stagetrain.train import resume
 from stagetrain.train.engine import TorchEngine
@@ -116,7 +116,8 @@ def lr_find(
             apply_freeze(model, stage.config.freeze, trainable, field=field)
     assert stage.config.optimizer is not None
     cfg = stage.config.optimizer.search
-    echo(f"lr-find: stage {stage.name!r} from {start}: {cfg.search_steps:,} search steps")
+    steps = cfg.search_steps(horizon(stage))
+    echo(f"lr-find: stage {stage.name!r} from {start}: {steps:,} search steps")
     result = search_lr(
         stage,
         model,
