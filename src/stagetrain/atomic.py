@@ -104,6 +104,7 @@ def is_regular(path: Path) -> bool:
 
 
 def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (where directories can be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds

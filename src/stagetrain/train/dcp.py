@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stagetrain.atomic import fsync_dir
 from stagetrain.checkpoint import FORMAT_VERSION, atomic_write_text, load_checkpoint, sha256_file
 from stagetrain.errors import CheckpointError
 from stagetrain.train.dcp_io import (
@@ -92,18 +93,6 @@ class ShardedEntry:
 
 
 # --- the store ----------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (where directories can be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temp_name(step: int) -> str:
@@ -268,14 +257,14 @@ class ShardedStore:
                 f"{temp}: files {sorted(present ^ set(files))} were not reported by the ranks "
                 "that wrote this checkpoint; it is not published"
             )
-        _fsync_dir(temp)
+        fsync_dir(temp)
         final = self.directory / f"ckpt-{step:08d}"
         suffix = 1
         while final.exists():  # the same step written again (a restart): a new name
             final = self.directory / f"ckpt-{step:08d}-{suffix}"
             suffix += 1
         os.replace(temp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         entry = ShardedEntry(final.name, step, stage, self.engine.info.world_size, files)
         old = self.entries()
         replaced = [e for e in old if e.step == step]
