@@ -119,6 +119,29 @@ def test_stage_inherits_optimizer_and_batch_size(tiny_config: dict[str, Any]) ->
     assert resolved[1].batch_size == 16
 
 
+def test_a_partial_optimizer_block_inherits_the_fields_it_does_not_name(
+    tiny_config: dict[str, Any],
+) -> None:
+    """A later stage that names only its LR and schedule keeps the earlier stage's weight
+    decay, betas and clipping (they were silently reset to the defaults)."""
+    tiny_config["stages"][0]["optimizer"] = {
+        "name": "adamw", "lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0,
+    }  # fmt: skip
+    tiny_config["stages"][1]["optimizer"] = {"lr": 1e-4, "schedule": {"kind": "linear"}}
+    first, second = parse_config(tiny_config).resolved_stages()
+    assert second.optimizer is not None and first.optimizer is not None
+    assert second.optimizer.lr == 1e-4 and second.optimizer.schedule.kind == "linear"
+    assert second.optimizer.weight_decay == 0.1 and second.optimizer.grad_clip == 1.0
+    assert second.optimizer.betas == (0.9, 0.95) and second.optimizer.name == "adamw"
+    # Naming the same class in another spelling still inherits; another class starts afresh.
+    tiny_config["stages"][1]["optimizer"] = {"name": "AdamW", "lr": 1e-4}
+    assert parse_config(tiny_config).resolved_stages()[1].optimizer.grad_clip == 1.0  # type: ignore[union-attr]
+    tiny_config["stages"][1]["optimizer"] = {"name": "sgd", "lr": 1e-2}
+    tiny_config["stages"][1]["handoff"] = "reset"
+    other = parse_config(tiny_config).resolved_stages()[1].optimizer
+    assert other is not None and other.weight_decay == 0.0 and other.grad_clip is None
+
+
 def test_fingerprint_changes_with_the_curriculum(tiny_config: dict[str, Any]) -> None:
     base = parse_config(tiny_config).fingerprint()
     tiny_config["stages"][1]["duration"] = "41ba"

@@ -125,12 +125,15 @@ class CurriculumConfig(_Config):
         return self
 
     def resolved_stages(self) -> list[StageConfig]:
-        """Stages with inherited fields filled in (optimizer, loss, batch size)."""
+        """Stages with inherited fields filled in (optimizer, loss, batch size).
+
+        A stage's ``optimizer`` block changes only the fields it names; the others are the
+        previous stage's, unless it names another optimizer class (then its defaults)."""
         out: list[StageConfig] = []
         previous_optimizer = OptimizerConfig()
         previous_loss = [LossTerm(name="cross_entropy")]
         for stage in self.stages:
-            optimizer = stage.optimizer or previous_optimizer
+            optimizer = _inherit_optimizer(previous_optimizer, stage.optimizer)
             loss = stage.loss or previous_loss
             out.append(
                 stage.model_copy(
@@ -168,3 +171,20 @@ class CurriculumConfig(_Config):
         """SHA-256 of the canonical JSON of :meth:`fingerprint_dict`."""
         text = json.dumps(self.fingerprint_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _same_optimizer_class(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()  # torch.optim names are matched in any case
+    return bool(a is b)
+
+
+def _inherit_optimizer(previous: OptimizerConfig, given: OptimizerConfig | None) -> OptimizerConfig:
+    """``given``'s fields over ``previous``'s: a later stage that sets only its LR keeps the
+    weight decay, betas and clipping of the stage before."""
+    if given is None:
+        return previous
+    named = given.model_fields_set
+    if "name" in named and not _same_optimizer_class(given.name, previous.name):
+        return given  # another class: its own defaults, not another optimizer's settings
+    return previous.model_copy(update={field: getattr(given, field) for field in named})
