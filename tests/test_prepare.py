@@ -38,6 +38,22 @@ def test_text_files_as_bytes(tmp_path: Path) -> None:
     assert side["tokenizer"]["spec"] == "bytes"
 
 
+def test_token_files_get_the_same_mode_as_their_sidecar(tmp_path: Path) -> None:
+    """Token files were private (0600, from mkstemp) beside 0644 sidecars: unreadable to
+    the other users of a shared file system."""
+    import os
+
+    (tmp_path / "a.txt").write_text("some text\n")
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "t.bin"
+        prep.prepare([tmp_path / "a.txt"], out, tokenizer="bytes", progress=False)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert out.with_suffix(".json").stat().st_mode & 0o777 == 0o644
+
+
 def test_jsonl_with_a_trained_tokenizer(tmp_path: Path, tokenizer: Path) -> None:
     data = write_jsonl(tmp_path / "docs.jsonl", TEXTS)
     out = tmp_path / "docs.bin"

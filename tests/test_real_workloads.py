@@ -437,3 +437,37 @@ def test_dict_batches_move_to_the_device_whole() -> None:
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "meta": {"w": torch.ones(2)}}
     moved = to_device(batch, torch.device("cpu"))
     assert moved["meta"]["w"].shape == (2,) and moved["input_ids"].dtype == torch.long
+
+
+def test_the_cli_imports_the_users_module_from_the_working_directory(tmp_path: Path) -> None:
+    """``factory: mymodels:build`` beside the config failed under the ``stagetrain`` console
+    script (only ``python -m`` and ``torchrun -m`` put the working directory on the path)."""
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(8, 2))\n"
+    )
+    config = tiny_config_dict()
+    config["model"] = {"factory": "mymodels:build"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    script = Path(sys.executable).with_name("stagetrain")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [str(script), "run", "c.yaml", "--run-dir", "r", "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "mymodels" not in done.stderr
+
+
+def test_the_cli_prints_stagetrains_warnings_as_one_line() -> None:
+    """A resume warning printed the library's file, line number and source line."""
+    import stagetrain
+    from stagetrain.console import format_warning
+
+    fit_file = str(Path(stagetrain.__file__).parent / "train" / "fit.py")
+    ours = format_warning(UserWarning("re-seeded"), UserWarning, fit_file, 193)
+    assert ours == "stagetrain: warning: re-seeded\n"
+    theirs = format_warning(UserWarning("x"), UserWarning, torch.__file__, 7)
+    assert torch.__file__ in theirs and ":7:" in theirs

@@ -38,10 +38,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        # mkstemp creates the file private (0600); give it the usual umask-derived mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        make_shareable(Path(tmp))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -88,6 +85,14 @@ def remove_orphan_temps(run_dir: str | Path) -> list[Path]:
                 continue  # a read-only directory: nothing to clean, nothing lost
             removed.append(path)
     return removed
+
+
+def make_shareable(path: Path) -> None:
+    """Give a file made by ``mkstemp`` (private, 0600) the mode a plain ``open`` would (0666
+    less the umask): run files and token files are read by other users on shared storage."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def unlink_quietly(path: Path) -> None:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from stagetrain import console
 from stagetrain.errors import ConfigError, StageTrainError
 
 
@@ -424,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stagetrain`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    console.set_up()
     if args.command == "run" and args.resume and args.run_dir is None:
         parser.error("--resume needs --run-dir")
     try:

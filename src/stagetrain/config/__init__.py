@@ -7,6 +7,7 @@ validated up front: every problem is reported as a :class:`~stagetrain.errors.Co
 naming the field, e.g. ``stages[1].duration: duration must be positive, got '0ba'``.
 """
 
+from stagetrain.config._autolr import AutoLRConfig
 from stagetrain.config._base import BUILTIN_LOSSES, BUILTIN_METRICS, callable_name
 from stagetrain.config._curriculum import CurriculumConfig
 from stagetrain.config._files import config_diff, format_validation_error, load_config, parse_config
@@ -21,7 +22,6 @@ from stagetrain.config._sources import (
 from stagetrain.config._stages import CheckpointConfig, GlobalLR, NonFiniteConfig, StageConfig
 from stagetrain.config._training import (
     AdvanceConfig,
-    AutoLRConfig,
     BatchConfig,
     EvalConfig,
     Handoff,

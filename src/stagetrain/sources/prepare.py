@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from stagetrain.atomic import make_shareable
 from stagetrain.checkpoint import atomic_write_text
 from stagetrain.errors import DataError
 from stagetrain.sources.hashing import sha256_path
@@ -231,6 +232,7 @@ def _encoded_chunks(
 def _temp_path(final: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
+    make_shareable(Path(name))
     return Path(name)
 
 
