@@ -301,7 +301,7 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"stages\[1\].optimizer"):
         trainer_for(build(config), tmp_path)
     config = two_stage()
-    del config["stages"][1]["optimizer"]["lr_multipliers"]  # other param groups
+    config["stages"][1]["optimizer"]["lr_multipliers"] = {}  # other param groups
     with pytest.raises(ConfigError, match=r"stages\[1\].optimizer.*param group"):
         trainer_for(build(config), tmp_path)
 

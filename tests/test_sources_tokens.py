@@ -336,3 +336,23 @@ def test_resume_continues_with_the_same_windows(tmp_path: Path) -> None:
     assert interrupted == whole[:7]
     resumed = run("cut", resume=True)[7:]  # the same record file, appended after the resume
     assert resumed == whole[5:]  # back from the checkpoint at step 5, the same windows
+
+
+def test_an_evaluation_that_follows_each_stages_context_is_warned_about(tmp_path: Path) -> None:
+    """Short-then-long stages and a validation set without its own seq_len: the curve's
+    stage-1 points measured 8-token context, its stage-2 points 16 (found by a user)."""
+    import warnings
+
+    from stagetrain.train.preflight import warn_eval_context
+
+    path = write_bin(tmp_path / "t.bin", np.arange(1000) % 997)
+    config = tokens_config(path)
+    long = dict(config["stages"][0], name="long", seq_len=16)  # type: ignore[index]
+    config["stages"] = [config["stages"][0], long]  # type: ignore[index]
+    config["evals"] = [{"name": "val", "data": long["data"]}]
+    with pytest.warns(UserWarning, match=r"evals\[0\] \('val'\) has no seq_len.*\(8, 16\)"):
+        warn_eval_context(Curriculum(parse_config(config)))
+    config["evals"][0]["seq_len"] = 16  # type: ignore[index]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_eval_context(Curriculum(parse_config(config)))

@@ -20,6 +20,8 @@ like one without.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from stagetrain.batch import to_device
@@ -131,6 +133,24 @@ def check_evaluations(
             )
 
 
+def warn_eval_context(curriculum: Curriculum) -> None:
+    """Warn when a curriculum-level evaluation without its own ``seq_len`` would measure
+    another context in each stage (short then long): its curve, and a comparison of arms
+    by it, would mix measurements."""
+    lengths = sorted({s.config.seq_len for s in curriculum.stages}, key=lambda n: n or 0)
+    if len(lengths) < 2:
+        return
+    shown = ", ".join("none" if n is None else str(n) for n in lengths)
+    for i, ev in enumerate(curriculum.config.evals):
+        if ev.seq_len is None:
+            warnings.warn(
+                f"evals[{i}] ({ev.name!r}) has no seq_len: it is evaluated at each stage's "
+                f"seq_len ({shown}), so its values are not comparable across stages; set "
+                f"evals[{i}].seq_len to measure one context",
+                stacklevel=2,
+            )
+
+
 def build_eval_sets(curriculum: Curriculum) -> dict[str, EvalSet]:
     """Every evaluation of the curriculum, built (losses and metrics resolved)."""
     out: dict[str, EvalSet] = {}
@@ -159,6 +179,7 @@ def preflight(
                 "in the config or pass fit(..., teacher=model)"
             )
     check_parameters(curriculum, model)
+    warn_eval_context(curriculum)
     check_vocab(curriculum, model)  # a token id past the embedding is named before step 0
     eval_sets = build_eval_sets(curriculum)
     with preserved_rng():
