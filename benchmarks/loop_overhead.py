@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -278,11 +280,14 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
     machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, "
-        f"torch {torch.__version__}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared "
+        f"with other jobs), {torch.get_num_threads()} torch thread, torch {torch.__version__}"
     )
+    command = "python benchmarks/loop_overhead.py" + " ".join(["", *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":
