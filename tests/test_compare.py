@@ -185,6 +185,34 @@ def test_table_reports_censored_time_to_target(finished: Path) -> None:
             assert hit is None or hit["step"] in [p["step"] for p in run.curve]
 
 
+def test_time_to_target_is_in_tokens_when_arms_take_other_numbers_of_steps() -> None:
+    """A short-then-long curriculum and a long-context baseline trained the same tokens in
+    80 and 50 steps: "steps to target" compared unequal amounts of training (found by a
+    user). Arms ending at one step keep steps."""
+    from stagetrain.compare import time_axis
+
+    def run(arm: str, steps: list[int], tokens_per_step: int) -> RunResult:
+        curve = [{"step": s, "samples": 16 * s, "tokens": tokens_per_step * s, "time": s / 10,
+                  "value": 0.1 * k} for k, s in enumerate(steps, 1)]  # fmt: skip
+        return RunResult(arm, 0, "completed", curve=curve)
+
+    same = {"curriculum": [run("curriculum", [40, 80], 2560)], "baseline": [run("baseline", [40, 80], 2560)]}  # fmt: skip
+    assert time_axis(same) == "step"
+    mixed = {"curriculum": [run("curriculum", [40, 80], 2560)], "baseline": [run("baseline", [25, 50], 4096)]}  # fmt: skip
+    assert time_axis(mixed) == "tokens"
+    no_tokens = {"curriculum": [run("curriculum", [40, 80], 0)], "baseline": [run("baseline", [25, 50], 0)]}  # fmt: skip
+    assert time_axis(no_tokens) == "samples"
+
+
+def test_the_table_names_its_time_axis(finished: Path, tmp_path: Path) -> None:
+    out = copy_of(finished, tmp_path)
+    analysis = analyze(out, target=0.5)
+    assert analysis.time_unit == "step"  # both arms of the tiny curriculum end at step 70
+    analysis.time_unit = "tokens"
+    header = markdown_table(analysis).splitlines()[2]
+    assert "median tokens to target" in header and "tokens to target vs baseline" in header
+
+
 def test_verdict_follows_the_interval(finished: Path) -> None:
     analysis = analyze(finished)
     curriculum = next(a for a in analysis.arms if a.arm == "curriculum")

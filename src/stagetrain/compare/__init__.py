@@ -20,7 +20,7 @@ and ``data_seed + i`` for the data factories (``--vary init,data``, the default)
 ``--vary init`` the data seed stays the config's, with ``--vary data`` the seed does.
 """
 
-from stagetrain.compare.analysis import Analysis, ArmAnalysis, analyze
+from stagetrain.compare.analysis import Analysis, ArmAnalysis, analyze, time_axis
 from stagetrain.compare.driver import compare
 from stagetrain.compare.pool import run_all
 from stagetrain.compare.runs import RunResult, TargetMetric, produced_metrics, read_run, run_dir_of
@@ -52,6 +52,7 @@ __all__ = [
     "require_report_extra",
     "run_all",
     "run_dir_of",
+    "time_axis",
     "time_verdict",
     "verdict",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from stagetrain.compare.runs import RunResult, TargetMetric, read_run
 from stagetrain.compare.spec import VARY, CompareSpec, check_target
@@ -29,12 +31,13 @@ class ArmAnalysis:
     final: Summary | None
     best: Summary | None
     time: TimeToTarget | None
-    """Steps to the target (censored: runs that never reached it count as misses)."""
+    """Time to the target in the comparison's ``time_unit`` (censored: runs that never
+    reached it count as misses)."""
     versus_baseline: PairedDifference | None
     seconds: TimeToTarget | None = None
     """Wall-clock seconds to the target."""
     time_versus_baseline: PairedTimes | None = None
-    """Steps to the target, seed by seed against the baseline."""
+    """Time to the target, seed by seed against the baseline."""
 
     @property
     def failed(self) -> list[RunResult]:
@@ -51,6 +54,22 @@ class Analysis:
     seeds: list[int]
     data_seeds: list[int] = field(default_factory=list)
     vary: list[str] = field(default_factory=lambda: list(VARY))
+    time_unit: TimeAxis = "step"
+    """What time to target is counted in (see :func:`time_axis`)."""
+
+
+TimeAxis = Literal["step", "tokens", "samples"]
+
+
+def time_axis(runs: Mapping[str, list[RunResult]]) -> TimeAxis:
+    """``step`` when every completed run ends at the same step (a step is then the same
+    share of the budget in every arm), else ``tokens`` (``samples`` when the data counts no
+    tokens): arms whose stages keep a token budget at another ``seq_len`` take other
+    numbers of steps for the same training, and steps would not compare them."""
+    ends = [r.curve[-1] for rs in runs.values() for r in rs if r.status == "completed" and r.curve]
+    if len({int(p["step"]) for p in ends}) <= 1:
+        return "step"
+    return "tokens" if all(p["tokens"] > 0 for p in ends) else "samples"
 
 
 def analyze(
@@ -84,6 +103,7 @@ def analyze(
         finals = [r.final for r in reference if ok(r) and r.final is not None]
         target = summarize(finals).median if finals else None
     baseline = runs.get("baseline")
+    unit = time_axis(runs)
     arms = []
     for arm in spec.arms:
         completed = [r for r in runs[arm] if ok(r)]
@@ -92,7 +112,7 @@ def analyze(
         time = seconds = time_versus = None
         if target is not None and completed:
             hits = [r.time_to(target, hib) for r in completed]
-            time = time_to_target([h["step"] if h else None for h in hits])
+            time = time_to_target([h[unit] if h else None for h in hits])
             seconds = time_to_target([h["time"] if h else None for h in hits])
         versus = None
         if arm != "baseline" and baseline is not None:
@@ -105,7 +125,7 @@ def analyze(
                 )
                 if target is not None:
                     steps = [
-                        [h["step"] if (h := r.time_to(target, hib)) else None for r in side]
+                        [h[unit] if (h := r.time_to(target, hib)) else None for r in side]
                         for side in zip(*pairs, strict=True)
                     ]
                     time_versus = paired_times(steps[0], steps[1])
@@ -121,4 +141,4 @@ def analyze(
                 time_versus_baseline=time_versus,
             )
         )
-    return Analysis(chosen, target, arms, list(spec.seeds), list(spec.data_seeds), spec.vary)
+    return Analysis(chosen, target, arms, list(spec.seeds), list(spec.data_seeds), spec.vary, unit)

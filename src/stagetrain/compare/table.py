@@ -42,6 +42,7 @@ def _interval(low: float, high: float, fmt: str) -> str:
 def markdown_table(analysis: Analysis) -> str:
     """The summary table printed to the terminal and embedded in the report."""
     m = analysis.metric
+    unit = {"step": "steps"}.get(analysis.time_unit, analysis.time_unit)
     target = "—" if analysis.target is None else f"{analysis.target:.4g}"
     lines = [
         f"Target metric: {m} ({'higher' if m.higher_is_better else 'lower'} is better); "
@@ -50,7 +51,7 @@ def markdown_table(analysis: Analysis) -> str:
         "",
         "| arm | runs ok | final median [IQR] | final mean [95% CI] "
         "| Δ final vs baseline [95% CI] | verdict | reached target [95% CI] "
-        "| median steps to target | median seconds to target | steps to target vs baseline |",
+        f"| median {unit} to target | median seconds to target | {unit} to target vs baseline |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     unbounded = False
@@ -84,9 +85,15 @@ def markdown_table(analysis: Analysis) -> str:
         "",
         "Δ: mean paired difference; its interval is the sign-flip test inverted, so the "
         "verdict (p < 0.05) and the interval always agree. Final mean: BCa bootstrap "
-        "interval. Median steps / seconds to target: shown only when more than half the "
+        f"interval. Median {unit} / seconds to target: shown only when more than half the "
         "runs reached it (an evaluated step; misses count as slower than any hit).",
     ]
+    if analysis.time_unit != "step":
+        notes.append(
+            f"Time to target is counted in {unit}: the arms' runs end at different steps "
+            "(their stages keep a budget in tokens or samples), so steps would not compare "
+            "equal amounts of training."
+        )
     if unbounded:
         n = len(analysis.seeds)
         notes.append(
