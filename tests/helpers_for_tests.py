@@ -60,14 +60,16 @@ def mlp_killed_at(*, at: int, rank: int = 1, **mlp_args: object) -> torch.nn.Mod
 
 class StopAt:
     """A callback that stops a run once ``step`` global steps are done, without a final
-    checkpoint: the way an interrupted run (a crash, a kill) looks to a later resume."""
+    checkpoint: the way an interrupted run (a crash, a kill) looks to a later resume; with
+    ``checkpoint=True`` it writes one at that step first, as a SIGTERM does."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, checkpoint: bool = False) -> None:
         self.step = step
+        self.checkpoint = checkpoint
 
     def on_step_end(self, run: object) -> None:
         if run.state.step >= self.step:  # type: ignore[attr-defined]
-            run.request_stop(checkpoint=False)  # type: ignore[attr-defined]
+            run.request_stop(checkpoint=self.checkpoint)  # type: ignore[attr-defined]
 
 
 def cache_dir() -> str:

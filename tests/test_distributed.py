@@ -79,8 +79,19 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoints[-1], weights_only=True)["model"]
 
 
+def train_losses(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        (r["step"], {k: v for k, v in r.items() if k == "loss" or k.startswith("loss/")})
+        for r in records
+        if r["type"] == "train"
+    ]
+
+
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> None:
     config = tiny_config_dict()
+    # Two loss terms in stage 2: each term's logged value is reduced over the ranks too.
+    config["stages"][1]["loss"] = [{"name": "cross_entropy"}, {"name": "hinge", "weight": 0.5}]
     path = write_config(tmp_path, config)
     cli = ["-m", "stagetrain.cli", "run", str(path), "--no-progress"]
     torchrun([*cli, "--run-dir", str(tmp_path / "two")])
@@ -89,6 +100,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path: Path) -> N
     assert two.keys() == one.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+    # The logged training losses are the global batch's, not rank 0's half of it.
+    got, want = train_losses(tmp_path / "two"), train_losses(tmp_path / "one")
+    assert [s for s, _ in got] == [s for s, _ in want] and "loss/hinge" in want[-1][1]
+    for (step, a), (_, b) in zip(got, want, strict=True):
+        assert a.keys() == b.keys(), step
+        assert a == pytest.approx(b, rel=1e-5), step
     # only rank 0 wrote logs: one stage_start per stage
     records = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records if r["type"] == "stage_start"] == ["easy", "target"]

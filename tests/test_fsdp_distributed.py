@@ -53,14 +53,18 @@ def test_fsdp_on_two_processes_matches_ddp_and_one_process(refs: Path, tmp_path:
     assert_same_weights(fsdp1, one, exact=True)  # one-rank FSDP changes no arithmetic
     # Same gradient norms (a wrongly averaged gradient would show here even where Adam's
     # scale invariance hides it in the weights) and evaluations as one process; the same
-    # training loss as DDP (logged from rank 0's half of each batch).
-    for kind, key, other in (
-        ("train", "grad_norm", "one"), ("eval", "loss", "one"), ("train", "loss", "ddp2"),
+    # training loss as one process and DDP (the global batch's, not rank 0's half of it).
+    for kind, key, other, rel in (
+        ("train", "grad_norm", "one", 1e-3), ("eval", "loss", "one", 1e-3),
+        ("train", "loss", "one", 1e-5), ("train", "loss", "ddp2", 1e-5),
     ):  # fmt: skip
         got, want = records(refs / "fsdp2", kind), records(tmp_path / other, kind)
         assert [r["step"] for r in got] == [r["step"] for r in want] and got
         for a, b in zip(got, want, strict=True):
-            assert a[key] == pytest.approx(b[key], rel=1e-3), (kind, a["step"], key, other)
+            assert a[key] == pytest.approx(b[key], rel=rel), (kind, a["step"], key, other)
+    ddp2, one = records(tmp_path / "ddp2", "train"), records(tmp_path / "one", "train")
+    for a, b in zip(ddp2, one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), ("ddp2", a["step"])
 
 
 def test_resume_mid_stage_two_across_world_sizes(refs: Path, tmp_path: Path) -> None:
@@ -81,6 +85,14 @@ def test_resume_mid_stage_two_across_world_sizes(refs: Path, tmp_path: Path) -> 
     assert_same_weights(final_weights(tmp_path / "r12"), fsdp2)  # 1 -> 2
     # The resumed runs' logs continue the interrupted ones: one train record per interval.
     assert [r["step"] for r in records(tmp_path / "r21", "train")] == [4, 8, 12, 16]
+    # ... with the global batch's losses whatever the world size (2 -> 2 exactly).
+    for resumed, ref, rel in (
+        ("r22", "fsdp2", 0.0),
+        ("r21", "fsdp1", 1e-5),
+        ("r12", "fsdp2", 1e-5),
+    ):
+        got, want = records(tmp_path / resumed, "train"), records(refs / ref, "train")
+        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=rel)
 
 
 def test_kill_9_during_a_sharded_checkpoint_write(refs: Path, tmp_path: Path) -> None:

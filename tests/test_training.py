@@ -66,6 +66,44 @@ def test_resume_mid_stage_two_is_bitwise_identical(
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+# Wall-clock fields of a train record: the only ones a resumed run may log differently.
+TIMED = {"time", "samples_per_s", "step_time", "tokens_per_s", "padded_tokens_per_s"}
+
+
+def train_records(run_dir: Path) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in r.items() if k not in TIMED}
+        for r in read_records(run_dir / "metrics.jsonl")
+        if r["type"] == "train"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stop", "checkpoint_every"),
+    [(StopAt(53, checkpoint=True), "10ba"), (StopAt(57), "7ba")],
+    ids=["stop-checkpoint-at-53", "checkpoint-at-56"],
+)
+def test_resume_from_a_step_between_logs_gives_the_same_loss_log(
+    tmp_path: Path, tiny_config: dict[str, Any], stop: StopAt, checkpoint_every: str
+) -> None:
+    # Logs every 5 steps; the checkpoint resumed from (53, or 56) is inside an interval:
+    # the records after it must still average every step of their interval.
+    tiny_config["checkpoint"] = {"every": checkpoint_every, "keep": 3}
+    tiny_config["stages"][1]["loss"] = [
+        {"name": "cross_entropy"},
+        {"name": "hinge", "weight": 0.5},
+    ]  # two terms: their sums are carried too
+    full_model, _ = run(tiny_config, tmp_path / "full")
+    run(tiny_config, tmp_path / "cut", callbacks=[stop])
+    resumed_model, _ = run(tiny_config, tmp_path / "cut", resume=True)
+    assert_same_weights(full_model, resumed_model)
+    got, want = train_records(tmp_path / "cut"), train_records(tmp_path / "full")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert "loss/hinge" in want[-1]
+    for a, b in zip(got, want, strict=True):
+        assert a == b, a["step"]
+
+
 def test_resume_from_stage_boundary_checkpoint(tmp_path: Path, tiny_config: dict[str, Any]) -> None:
     tiny_config["checkpoint"] = {"every": None, "keep": 2}  # only stage-end checkpoints
     tiny_config["stages"][1]["handoff"] = "reset"
@@ -242,3 +280,29 @@ def test_kill_9_during_stage_two_then_resume(tmp_path: Path, tiny_config: dict[s
     for key in full["model"]:
         assert torch.equal(full["model"][key], cut["model"][key]), key
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def test_meter_restores_a_partial_interval_from_any_checkpoint() -> None:
+    from stagetrain.distributed import DistInfo
+    from stagetrain.state import TrainState
+    from stagetrain.train.engine import TorchEngine
+    from stagetrain.train.meter import IntervalMeter, partials
+    from stagetrain.train.step import StepResult
+
+    meter = IntervalMeter(TorchEngine(DistInfo(), torch.device("cpu")))
+    for value in (1.0, 2.0):
+        meter.add(StepResult(torch.tensor(value), {}, None, 0), 4)
+    saved = partials(7, [meter.partial()])
+    meter.restore(None, 7)  # a checkpoint written before checkpoints carried the interval
+    assert meter.steps == 0 and meter.loss is None
+    meter.restore(saved, 5)  # a restart-stage resume rewound the step: not this interval
+    assert meter.steps == 0
+    meter.restore(saved, 7)
+    meter.add(StepResult(torch.tensor(3.0), {}, None, 0), 4)
+    fields = meter.fields(TrainState(samples=12), 0.1, None)
+    assert fields["loss"] == 2.0 and meter.steps == 0
+    # Saved by 2 ranks (sums 3 and 5 over the same 2 steps), resumed on 1: their mean.
+    other = {**saved["ranks"][0], "loss": [5.0, "float32"]}
+    meter.restore(partials(7, [saved["ranks"][0], other]), 7)
+    assert meter.steps == 2 and meter.samples == 8
+    assert meter.fields(TrainState(samples=8), 0.1, None)["loss"] == 2.0

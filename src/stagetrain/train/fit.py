@@ -233,6 +233,7 @@ def fit(
             sampler_state=start.sampler,
             signals=stop,
         )
+        runner.meter.restore(start.meter, start.state.step)  # a resume's partial interval
         try:
             completed = runner.run()
         finally:
@@ -251,6 +252,8 @@ class _Start:
     log_lines: int | None = None
     scaler: dict[str, Any] | None = None
     sampler: dict[str, Any] | None = None
+    meter: dict[str, Any] | None = None
+    """The checkpoint's partial logging interval (None before checkpoints carried it)."""
 
 
 def _open_run_dir(
@@ -322,8 +325,9 @@ def _starting_point(
         )
     optimizer = resuming.restore(payload, curriculum, model, state, eng)
     return _Start(
-        state, optimizer, int(payload["log_lines"]), payload.get("scaler"), payload.get("sampler")
-    )
+        state, optimizer, int(payload["log_lines"]), payload.get("scaler"), payload.get("sampler"),
+        payload.get("meter"),
+    )  # fmt: skip
 
 
 def summary_of(run_dir: Path) -> dict[str, Any] | None:

@@ -2,7 +2,9 @@
 
 A checkpoint payload (:func:`capture`) holds model, optimizer, counters, the RNG of
 every rank, the fp16 scaler, the curriculum's fingerprint, the digests of the
-difficulty scores it trained on and the number of log lines. :func:`check_resume`
+difficulty scores it trained on, the number of log lines and every rank's partial
+logging interval (``meter``: so the first record after a resume averages its whole
+interval, as the uninterrupted run's does). :func:`check_resume`
 decides where to continue (refusing a changed curriculum unless told how);
 :func:`restore` loads the state back, rebuilding the optimizer with the param-group
 layout of the stage that built it (a later ``reset`` stage may lay them out
@@ -27,6 +29,7 @@ from stagetrain.handoff import builds_optimizer
 from stagetrain.optim import build_optimizer
 from stagetrain.state import TrainState
 from stagetrain.train.engine import Engine
+from stagetrain.train.meter import IntervalMeter, partials
 
 OnChange = Literal["refuse", "keep-position", "restart-stage"]
 
@@ -63,8 +66,10 @@ def capture_meta(
     log_lines: int,
     world_size: int,
     scaler: Any,
+    meter: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Everything of a checkpoint but the model and optimizer (plain data, from rank 0)."""
+    """Everything of a checkpoint but the model and optimizer (plain data, from rank 0);
+    ``meter``: every rank's :meth:`IntervalMeter.partial` (see :func:`gather_ranks`)."""
     config = curriculum.config
     return {
         "state": state.to_dict(),
@@ -75,12 +80,20 @@ def capture_meta(
         "log_lines": log_lines,
         "world_size": world_size,
         **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        **({"meter": partials(state.step, meter)} if meter is not None else {}),
     }
 
 
 def local_rng() -> dict[str, Any]:
     """This process's RNG states (gathered from every rank into the payload)."""
     return rng_state()
+
+
+def gather_ranks(engine: Engine, meter: IntervalMeter) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Every rank's RNG states and partial logging interval, in rank order (one
+    collective: every rank joins, at a checkpoint)."""
+    parts = engine.gather((local_rng(), meter.partial()))
+    return [rng for rng, _ in parts], [partial for _, partial in parts]
 
 
 def check_payload(payload: dict[str, Any], where: str) -> None:

@@ -396,10 +396,10 @@ class Runner:
         started = time.perf_counter()
         self.meter.fold_tokens(self.state)
         self.state.elapsed_s = self.elapsed()
-        rngs = self.engine.gather(resume.local_rng())  # a collective: every rank joins
+        rngs, meters = resume.gather_ranks(self.engine, self.meter)  # every rank joins
         meta = resume.capture_meta(
             curriculum=self.curriculum, state=self.state, rngs=rngs, log_lines=self.logger.lines,
-            world_size=self.engine.info.world_size, scaler=self.steps.scaler,
+            world_size=self.engine.info.world_size, scaler=self.steps.scaler, meter=meters,
         )  # fmt: skip
         sampler_state = getattr(self.current_stage.sampler, "resume_state", None)
         if sampler_state is not None and self.state.stage_index < len(self.curriculum.stages):
@@ -436,7 +436,7 @@ class Runner:
         )  # fmt: skip
         self.state = state
         self.guard.clear()
-        self.meter.drop()
+        self.meter.restore(payload.get("meter"), state.step)  # the checkpoint's interval
         self.last_eval_step.clear()
         # The log goes back to the checkpoint too: the steps after it will be logged again.
         self.logger.truncate(int(payload["log_lines"]))
