@@ -27,6 +27,8 @@ def load(stem: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"benchmark_{stem.replace('-', '_')}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered while it runs, as an import would: dataclasses look their module up there.
+    sys.modules[spec.name] = module
     saved = list(sys.path)  # recipes.py puts benchmarks/ on the path to import tables.py
     try:
         spec.loader.exec_module(module)
@@ -42,7 +44,8 @@ def test_every_benchmark_script_is_found() -> None:
 @pytest.mark.parametrize("stem", SCRIPTS)
 def test_benchmark_script_imports(stem: str) -> None:
     module = load(stem)
-    assert callable(getattr(module, "main", None)) or stem == "tables", stem
+    # tables.py and dev_tasks.py are imported by the others; every other script runs.
+    assert callable(getattr(module, "main", None)) or stem in ("tables", "dev_tasks"), stem
 
 
 def quick_arms() -> tuple[ModuleType, dict[str, CurriculumConfig]]:
