@@ -142,6 +142,27 @@ def test_a_partial_optimizer_block_inherits_the_fields_it_does_not_name(
     assert other is not None and other.weight_decay == 0.0 and other.grad_clip is None
 
 
+@pytest.mark.parametrize("handoff", ["carry", "rewarm"])
+def test_lr_multipliers_changed_where_the_optimizer_is_kept_are_refused(
+    tiny_config: dict[str, Any], handoff: str
+) -> None:
+    """A carry/rewarm stage keeps the earlier optimizer and its parameter groups, so new
+    lr_multipliers there were silently ignored (found by a user); now refused, while the
+    same multipliers, inherited or repeated, and a reset stage's own are fine."""
+    tiny_config["stages"][0]["optimizer"] = {"name": "adam", "lr": 1e-2, "lr_multipliers": {"1.*": 0.1}}  # fmt: skip
+    tiny_config["stages"][1]["handoff"] = handoff
+    tiny_config["stages"][1]["optimizer"] = {"lr": 5e-3, "lr_multipliers": {"1.*": 0.5}}
+    message = _error(tiny_config)
+    assert "stages[1].optimizer.lr_multipliers" in message and "reset" in message
+    tiny_config["stages"][1]["optimizer"] = {"lr": 5e-3, "lr_multipliers": {"1.*": 0.1}}
+    parse_config(tiny_config)
+    tiny_config["stages"][1]["optimizer"] = {"lr": 5e-3}
+    assert parse_config(tiny_config).resolved_stages()[1].optimizer.lr_multipliers == {"1.*": 0.1}  # type: ignore[union-attr]
+    tiny_config["stages"][1]["handoff"] = "reset"
+    tiny_config["stages"][1]["optimizer"] = {"lr": 5e-3, "lr_multipliers": {"1.*": 0.5}}
+    parse_config(tiny_config)
+
+
 def test_fingerprint_changes_with_the_curriculum(tiny_config: dict[str, Any]) -> None:
     base = parse_config(tiny_config).fingerprint()
     tiny_config["stages"][1]["duration"] = "41ba"

@@ -162,6 +162,29 @@ def test_evaluate_shifts_causal_lm_labels(tmp_path: Path) -> None:
     assert reported == pytest.approx(own, rel=1e-6)
 
 
+def test_evaluate_pads_rows_of_different_lengths(tmp_path: Path) -> None:
+    """Variable-length eval rows crashed ``evaluate()`` in the Trainer's default collator
+    (``stack expects each tensor to be equal size``; found by a user): they are padded as
+    in training, and the padding is not in the loss (one batch: its token mean)."""
+    lengths = [5, 9, 16, 12]
+    ids = [rows(1, n, seed=10 + n)[0] for n in lengths]
+    trainer = trainer_for(
+        build(two_stage()),
+        tmp_path,
+        per_device_eval_batch_size=4,
+        trainer_kwargs={"eval_dataset": [{"input_ids": r, "labels": r.clone()} for r in ids]},
+    )
+    reported = trainer.evaluate()["eval_loss"]
+    model = trainer.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in ids:
+            logits = model(input_ids=r[None]).logits[0]
+            total += F.cross_entropy(logits[:-1], r[1:], reduction="sum").item()
+            count += len(r) - 1
+    assert reported == pytest.approx(total / count, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("grad_accum", "per_device"), [(1, 4), (2, 8), (1, 16)], ids=["smaller", "times-ga", "larger"]
 )

@@ -92,6 +92,15 @@ class CurriculumConfig(_Config):
                     f"but stage {resolved[i].name!r} uses {cur.label} after {prev.label}; "
                     "use handoff: reset"
                 )
+            if resolved[i].handoff != "reset" and prev.lr_multipliers != cur.lr_multipliers:
+                # The kept optimizer's parameter groups (and their factors) are those of the
+                # stage that built it: other multipliers here would be silently ignored.
+                raise ValueError(
+                    f"stages[{i}].optimizer.lr_multipliers: {cur.lr_multipliers} differs from "
+                    f"stage {resolved[i - 1].name!r}'s {prev.lr_multipliers}, but handoff "
+                    f"{resolved[i].handoff!r} keeps that optimizer and its parameter groups; "
+                    "use handoff: reset to rebuild them"
+                )
         for i, stage in enumerate(self.stages):
             if stage.advance is None:
                 continue

@@ -63,6 +63,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from stagetrain.batch import Batch
+from stagetrain.collate import collate
 from stagetrain.curriculum import Curriculum
 from stagetrain.errors import ConfigError
 from stagetrain.integrations._stages import (
@@ -214,6 +215,10 @@ class CurriculumTrainer(Trainer):
         self.curriculum_optimizer = curriculum_optimizer
         self.curriculum_callback = CurriculumCallback(curriculum)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.curriculum_callback]
+        if len(args) < 3 and kwargs.get("data_collator") is None:
+            # Evaluation rows are collated as training's are (padded, masked): the
+            # Trainer's default collator stacks them and fails on different lengths.
+            kwargs["data_collator"] = self._collate_eval
         super().__init__(*args, **kwargs)
         # Our compute_loss does not hand num_items_in_batch to the model: say so, so that
         # Trainer releases without loss_is_scaled_for_ga also divide by the micro-batches.
@@ -312,6 +317,9 @@ class CurriculumTrainer(Trainer):
         self.curriculum_callback.clip = owned  # the curriculum's grad_clip with its optimizer
 
     # --- what the Trainer asks for ----------------------------------------------------
+
+    def _collate_eval(self, items: list[Any]) -> Any:
+        return to_trainer_batch(collate(items, self.curriculum.fmt), self._main_input)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader[Any]:
         main = self._main_input
