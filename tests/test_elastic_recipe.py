@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 from helpers_for_tests import StopAt
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stagetrain import Curriculum, StageTrainError, fit, parse_config
 from stagetrain.cli import main
@@ -23,6 +22,9 @@ from stagetrain.elastic import check_budgets, load_elastic_run, load_extracted
 from stagetrain.elastic.hf import CausalLM, hf_causal_lm
 from stagetrain.logs import read_records
 from stagetrain.recipes.elastic import validation_loss
+
+pytest.importorskip("transformers")  # the hf extra: absent where the dependency floors run
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 TINY = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
