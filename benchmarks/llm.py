@@ -141,7 +141,11 @@ def write_comparison(out: Path, configs: Mapping[str, CurriculumConfig], spec: C
     spec_path = out / "compare.json"
     if spec_path.exists():
         old = CompareSpec.from_file(spec_path)
-        if old.fingerprint != spec.fingerprint or old.seeds[: len(spec.seeds)] != spec.seeds:
+        # more or fewer seeds of the same arms reuse the runs both have (seed i is seed i)
+        shared = min(len(old.seeds), len(spec.seeds))
+        same_seeds = old.seeds[:shared] == spec.seeds[:shared]
+        same_data = old.data_seeds[:shared] == spec.data_seeds[:shared]
+        if old.fingerprint != spec.fingerprint or not (same_seeds and same_data):
             raise SystemExit(f"{out} holds another comparison; remove it")
     (out / "arms").mkdir(parents=True, exist_ok=True)
     for name, arm in configs.items():

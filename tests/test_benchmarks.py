@@ -94,6 +94,18 @@ def test_llm_comparison_description_fits_run_all() -> None:
     )
 
 
+def test_llm_comparison_directory_takes_more_seeds_of_the_same_arms(tmp_path: Path) -> None:
+    llm, arms = quick_arms()
+    llm.write_comparison(tmp_path, arms, llm.build_spec(arms, 5))
+    # more seeds of the same arms: seeds 0-4 are the same runs, so the directory is reused
+    llm.write_comparison(tmp_path, arms, llm.build_spec(arms, 8))
+    assert CompareSpec.from_file(tmp_path / "compare.json").seeds == list(range(8))
+    llm.write_comparison(tmp_path, arms, llm.build_spec(arms, 3))
+    other = dict(arms, mix=arms["long-only"])
+    with pytest.raises(SystemExit, match="holds another comparison"):
+        llm.write_comparison(tmp_path, other, llm.build_spec(other, 3))
+
+
 def test_llm_tables_from_per_seed_values() -> None:
     llm = load("llm")
     seeds = [0, 1, 2, 3, 4]
