@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ import torch.distributed as dist
 from stagetrain.atomic import fsync_dir
 from stagetrain.checkpoint import FORMAT_VERSION, atomic_write_text, load_checkpoint, sha256_file
 from stagetrain.errors import CheckpointError
+from stagetrain.train.background import BackgroundWriter
 from stagetrain.train.dcp_io import (
     DCP_METADATA,
     _prestaged_writer,
@@ -137,9 +137,7 @@ class ShardedStore:
         import torch.distributed.checkpoint  # noqa: F401
 
         self._staged: Any = None
-        # One long-lived worker: starting a thread per checkpoint costs the stall time.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagetrain-ckpt")
-        self._pending: Future[None] | None = None
+        self._writer = BackgroundWriter(self.directory)
         self._published: Path | None = None
 
     @property
@@ -212,7 +210,7 @@ class ShardedStore:
         future = async_save(
             self._staged, storage_writer=_prestaged_writer(temp), process_group=self.group
         )
-        self._pending = self._worker.submit(self._finish_after, future, temp, meta, step, stage)
+        self._writer.submit(self._finish_after, future, temp, meta, step, stage)
         return self.directory / f"ckpt-{step:08d}" if main else None
 
     def _finish_after(
@@ -282,18 +280,7 @@ class ShardedStore:
         Raises:
             CheckpointError: when it failed.
         """
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:
-            pending.result()
-        except CheckpointError:
-            raise
-        except Exception as error:
-            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise CheckpointError(
-                f"{self.directory}: writing a checkpoint failed ({type(error).__name__}: {text})"
-            ) from error
+        self._writer.wait()
 
     # --- loading ------------------------------------------------------------------------
 

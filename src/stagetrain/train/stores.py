@@ -19,7 +19,6 @@ background; :meth:`RunStore.wait` is where a run waits for that.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +27,7 @@ import torch
 from stagetrain.checkpoint import LOOP_KEYS, MANIFEST, CheckpointStore
 from stagetrain.errors import CheckpointError
 from stagetrain.train import dcp
+from stagetrain.train.background import BackgroundWriter
 from stagetrain.train.engine import Engine
 
 
@@ -74,9 +74,7 @@ class SingleFileStore:
         self.engine = engine
         self.async_save = async_save
         self._staged: Any = None
-        # One long-lived worker: starting a thread per checkpoint costs the stall time.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stagetrain-ckpt")
-        self._pending: Future[Any] | None = None
+        self._writer = BackgroundWriter(self.directory)
 
     def save(
         self,
@@ -100,21 +98,11 @@ class SingleFileStore:
         # Training may change the live tensors: the writer gets a host copy (its buffers
         # reused from the previous checkpoint, which wait() has finished writing).
         self._staged = dcp.stage_to_host(payload, self._staged)
-        self._pending = self._worker.submit(self.store.save, self._staged, step=step, stage=stage)
+        self._writer.submit(self.store.save, self._staged, step=step, stage=stage)
         return self.directory / f"ckpt-{step:08d}.pt"
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:
-            pending.result()
-        except CheckpointError:
-            raise
-        except Exception as error:
-            raise CheckpointError(
-                f"{self.directory}: writing a checkpoint failed ({type(error).__name__}: {error})"
-            ) from error
+        self._writer.wait()
 
     def load_latest(self) -> tuple[dict[str, Any], Any]:
         self.wait()
