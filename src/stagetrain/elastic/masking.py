@@ -151,39 +151,48 @@ class _Norm(_Hook):
         return output if masks is not None and masks.channels is not None else None
 
 
-class _HeadInput(_Hook):
+class _MaskedInput(_Hook):
+    """A projection's input: an importance statistic recorded, then units masked (which
+    statistic and which mask: the subclasses)."""
+
+    def record(self, recorder: Recorder, layer: int, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def mask(self, masks: Masks, layer: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def __call__(self, module: nn.Module, args: Any) -> Any:
+        layer = self.layer
+        assert layer is not None
+        x = args[0]
+        if self.owner.recorder is not None:
+            self.record(self.owner.recorder, layer, x)
+        masks = self.owner.masks
+        mask = None if masks is None else self.mask(masks, layer)
+        if mask is None:
+            return None
+        return (x * mask.to(x.dtype), *args[1:])
+
+
+class _HeadInput(_MaskedInput):
     """Attention output projection's input: per-head norms recorded, heads masked."""
 
-    def __call__(self, module: nn.Module, args: Any) -> Any:
-        owner, layer = self.owner, self.layer
-        assert layer is not None
-        x = args[0]
-        recorder = owner.recorder
-        if recorder is not None:
-            per_head = x.unflatten(-1, (-1, owner.sizes.head_dim)).norm(dim=-1)
-            recorder.heads[layer] = recorder.add(recorder.heads[layer], recorder.mean(per_head))
-        masks = owner.masks
-        mask = None if masks is None else masks.heads[layer]
-        if mask is None:
-            return None
-        return (x * mask.to(x.dtype), *args[1:])
+    def record(self, recorder: Recorder, layer: int, x: torch.Tensor) -> None:
+        per_head = x.unflatten(-1, (-1, self.owner.sizes.head_dim)).norm(dim=-1)
+        recorder.heads[layer] = recorder.add(recorder.heads[layer], recorder.mean(per_head))
+
+    def mask(self, masks: Masks, layer: int) -> torch.Tensor | None:
+        return masks.heads[layer]
 
 
-class _NeuronInput(_Hook):
+class _NeuronInput(_MaskedInput):
     """MLP down projection's input: post-activations recorded, neurons masked."""
 
-    def __call__(self, module: nn.Module, args: Any) -> Any:
-        owner, layer = self.owner, self.layer
-        assert layer is not None
-        x = args[0]
-        recorder = owner.recorder
-        if recorder is not None:
-            recorder.post[layer] = recorder.add(recorder.post[layer], recorder.mean(x.abs()))
-        masks = owner.masks
-        mask = None if masks is None else masks.neurons[layer]
-        if mask is None:
-            return None
-        return (x * mask.to(x.dtype), *args[1:])
+    def record(self, recorder: Recorder, layer: int, x: torch.Tensor) -> None:
+        recorder.post[layer] = recorder.add(recorder.post[layer], recorder.mean(x.abs()))
+
+    def mask(self, masks: Masks, layer: int) -> torch.Tensor | None:
+        return masks.neurons[layer]
 
 
 class _PreActivation(_Hook):
