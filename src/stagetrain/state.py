@@ -43,6 +43,15 @@ class TrainState:
     """Per ``lr: auto`` stage (by name), its finished LR search: the chosen ``lr``, its
     cost (``steps``, ``samples``, ``eval_samples``), ``counted`` and ``fallback``."""
 
+    def mark_stage_start(self) -> None:
+        """Record the counters at which the current stage starts (``stage_start``)."""
+        self.stage_start = {
+            "step": self.step,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "real_tokens": self.real_tokens,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -31,6 +31,7 @@ from stagetrain.evaluation import EvalSet
 from stagetrain.handoff import apply_freeze, builds_optimizer, enter_stage
 from stagetrain.logs import RunLogger
 from stagetrain.optim import apply_lr
+from stagetrain.records import position_record, stage_end_record, stage_start_record
 from stagetrain.signals import StopRequest
 from stagetrain.state import TrainState
 from stagetrain.stepdata import stage_batches
@@ -134,14 +135,7 @@ class Runner:
         return self.elapsed_base + time.perf_counter() - self.clock_start
 
     def record(self, kind: str, stage: Stage, **fields: Any) -> dict[str, Any]:
-        state = self.state
-        return {
-            "type": kind,
-            "step": state.step,
-            "stage": stage.name,
-            "stage_step": state.stage_step,
-            **fields,
-        }
+        return position_record(kind, stage.name, self.state, **fields)
 
     def emit(self, hook: str, *args: Any) -> None:
         if self.callbacks:
@@ -184,24 +178,8 @@ class Runner:
             self.optimizer = enter_stage(
                 cfg, stage.index, self.model, self.optimizer, self.trainable
             )
-            state.stage_start = {
-                "step": state.step,
-                "samples": state.samples,
-                "tokens": state.tokens,
-                "real_tokens": state.real_tokens,
-            }
-            self.logger.log(
-                self.record(
-                    "stage_start",
-                    stage,
-                    stage_index=stage.index,
-                    handoff=cfg.handoff if stage.index else "start",
-                    planned_steps=stage.steps,
-                    samples=state.samples,
-                    tokens=state.tokens,
-                    time=self.elapsed(),
-                )
-            )
+            state.mark_stage_start()
+            self.logger.log(stage_start_record(stage, state, time=self.elapsed()))
             self.context.resumed = False
         else:  # continuing a stage from a checkpoint: its hand-off was applied already
             apply_freeze(
@@ -333,14 +311,8 @@ class Runner:
             self.reporter.shrink(stage.steps - self.state.stage_step)
         self.reporter.line(stage_end_message(stage.name, self.state.step, decision, stage.steps))
         self.logger.log(
-            self.record(
-                "stage_end",
-                stage,
-                reason=ending.reason,
-                detail=ending.detail,
-                samples=self.state.samples,
-                tokens=self.state.tokens,
-                time=self.elapsed(),
+            stage_end_record(
+                stage, self.state, reason=ending.reason, detail=ending.detail, time=self.elapsed()
             )
         )
         self.emit("on_stage_end")

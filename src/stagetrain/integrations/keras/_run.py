@@ -36,6 +36,7 @@ from stagetrain.integrations.keras._optim import (
 )
 from stagetrain.integrations.keras._resume import checkpoint_payload, restore_checkpoint
 from stagetrain.logs import RunLogger
+from stagetrain.records import position_record, stage_end_record, stage_start_record
 from stagetrain.state import TrainState
 from stagetrain.time import Counters, Duration, Interval
 from stagetrain.train import rundir
@@ -157,13 +158,7 @@ class _Run:
         return self._elapsed_base + time.perf_counter() - self._t0
 
     def _record(self, kind: str, stage: Stage, **fields: Any) -> dict[str, Any]:
-        return {
-            "type": kind,
-            "step": self.state.step,
-            "stage": stage.name,
-            "stage_step": self.state.stage_step,
-            **fields,
-        }
+        return position_record(kind, stage.name, self.state, **fields)
 
     def _log(self, record: dict[str, Any]) -> None:
         assert self.logger is not None
@@ -180,24 +175,8 @@ class _Run:
                 self.state.optimizer_stage = stage.index
             else:
                 update_keras_optimizer(self.optimizer, cfg.optimizer, field=field)
-            self.state.stage_start = {
-                "step": self.state.step,
-                "samples": self.state.samples,
-                "tokens": self.state.tokens,
-                "real_tokens": self.state.real_tokens,
-            }
-            self._log(
-                self._record(
-                    "stage_start",
-                    stage,
-                    stage_index=stage.index,
-                    handoff=cfg.handoff if stage.index else "start",
-                    planned_steps=stage.steps,
-                    samples=self.state.samples,
-                    tokens=self.state.tokens,
-                    time=self._elapsed(),
-                )
-            )
+            self.state.mark_stage_start()
+            self._log(stage_start_record(stage, self.state, time=self._elapsed()))
         else:  # resumed inside the stage: its settings, as applied when it started
             update_keras_optimizer(self.optimizer, cfg.optimizer, field=field)
         apply_keras_freeze(self.trainable, cfg.freeze, field=f"stages[{stage.index}].freeze")
@@ -335,14 +314,8 @@ class _Run:
         if self.progress:
             print(stage_end_message(stage.name, self.state.step, ending, stage.steps))
         self._log(
-            self._record(
-                "stage_end",
-                stage,
-                reason=ending.reason,
-                detail=ending.detail,
-                samples=self.state.samples,
-                tokens=self.state.tokens,
-                time=self._elapsed(),
+            stage_end_record(
+                stage, self.state, reason=ending.reason, detail=ending.detail, time=self._elapsed()
             )
         )
         self.state.stage_index += 1
