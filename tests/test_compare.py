@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -183,6 +184,17 @@ def test_table_reports_censored_time_to_target(finished: Path) -> None:
         for run in arm.runs:
             hit = run.time_to(0.5, True)
             assert hit is None or hit["step"] in [p["step"] for p in run.curve]
+
+
+def test_table_says_the_means_intervals_are_rough_with_few_seeds(finished: Path) -> None:
+    """A BCa interval of 2 or 3 values is printed like one of 10 (found by a user): the
+    table says what it is worth below 8 seeds."""
+    analysis = analyze(finished, target=0.5)
+    assert len(analysis.seeds) == 2
+    caveat = "the BCa intervals of the means are rough"
+    assert f"With 2 seeds {caveat}" in markdown_table(analysis)
+    many = dataclasses.replace(analysis, seeds=list(range(8)))
+    assert caveat not in markdown_table(many)
 
 
 def test_time_to_target_is_in_tokens_when_arms_take_other_numbers_of_steps() -> None:

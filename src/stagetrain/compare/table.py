@@ -7,6 +7,9 @@ import math
 from stagetrain.compare.analysis import Analysis
 from stagetrain.stats import PairedDifference, PairedTimes
 
+FEW_SEEDS = 8
+"""Below this many seeds the table says the means' bootstrap intervals are rough."""
+
 
 def _p(p_value: float, p_se: float) -> str:
     return f"p = {p_value:.3g}" + (f" ± {p_se:.1g}" if p_se else "")
@@ -94,8 +97,14 @@ def markdown_table(analysis: Analysis) -> str:
             "(their stages keep a budget in tokens or samples), so steps would not compare "
             "equal amounts of training."
         )
+    n = len(analysis.seeds)
+    if n < FEW_SEEDS:
+        notes.append(
+            f"With {n} seeds the BCa intervals of the means are rough: a bootstrap of {n} "
+            "values undercovers (its 95 % interval holds the true mean less often than "
+            "that); the Δ test is exact at any number of seeds."
+        )
     if unbounded:
-        n = len(analysis.seeds)
         notes.append(
             f"An interval of ±inf: with {n} seeds the smallest possible p is "
             f"{2 / 2**n:.3g}, so no shift can be excluded at 95 %; use more seeds."
