@@ -344,6 +344,9 @@ def test_count_budget_trains_the_stage_for_its_duration_minus_the_search(tmp_pat
     result, _ = run(auto_config(count_budget=True), tmp_path / "run")
     assert result.state.lr_search["target"]["counted"] is True
     assert result.state.step == 30 + 120 - 75
+    # The stage's end says where its duration went (it trained 45 steps, not 120).
+    end = next(r for r in records(tmp_path / "run", "stage_end") if r["stage"] == "target")
+    assert end["detail"] == "reached its duration 120ba: 75 search steps (counted) + 45 trained"
 
 
 class CountSearches:

@@ -39,6 +39,7 @@ from stagetrain.train.step import PRECISIONS
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from stagetrain.state import TrainState
     from stagetrain.train.runner import Runner
 
 
@@ -190,6 +191,15 @@ def record_fields(result: SearchResult) -> dict[str, Any]:
         "counted": result.counted,
         "fallback": result.fallback,
     }
+
+
+def counted_search(state: TrainState, stage: Stage) -> str:
+    """How a ``count_budget`` stage spent its duration, for its end's detail ("" when its
+    search was not counted, or it had none)."""
+    search = state.lr_search.get(stage.name)
+    if not search or not search.get("counted"):
+        return ""
+    return f": {search['steps']:,} search steps (counted) + {state.stage_step:,} trained"
 
 
 def enter_stage(runner: Runner, stage: Stage) -> None:

@@ -285,7 +285,8 @@ class Runner:
                 before, after, state.stage_step, stage.context
             ):
                 self.checkpoint(stage)
-        return Ending("duration", f"reached its duration {cfg.duration}")
+        counted = lr_auto.counted_search(state, stage)
+        return Ending("duration", f"reached its duration {cfg.duration}{counted}")
 
     def _signalled(self, every: int) -> bool:
         """Whether a stop signal arrived (every rank stops at the same step: in a
