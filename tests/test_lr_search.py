@@ -124,6 +124,9 @@ def test_counted_budget_must_leave_training_steps_and_global_lr_excludes_auto() 
 def test_plan_shows_auto_with_its_budget_and_counted_budget_shortens_the_stage() -> None:
     text = make_plan(Curriculum(parse_config(auto_config()))).format()
     assert "auto ×1→×1, search 75 steps (1,200 samples, not counted)" in text
+    # and its forward passes on the held-out slice: 64 samples, scored at the start and
+    # after each of the 5 + 2 trials
+    assert "not counted) + up to 512 held-out forward samples" in text
     counted = Curriculum(parse_config(auto_config(count_budget=True)))
     assert counted.stages[1].steps == 120 - 75
     assert "search 75 steps (1,200 samples, counted)" in make_plan(counted).format()
@@ -344,6 +347,7 @@ def test_count_budget_trains_the_stage_for_its_duration_minus_the_search(tmp_pat
     result, _ = run(auto_config(count_budget=True), tmp_path / "run")
     assert result.state.lr_search["target"]["counted"] is True
     assert result.state.step == 30 + 120 - 75
+    assert 0 < result.state.lr_search["target"]["eval_samples"] <= 512  # as plan says, at most
     # The stage's end says where its duration went (it trained 45 steps, not 120).
     end = next(r for r in records(tmp_path / "run", "stage_end") if r["stage"] == "target")
     assert end["detail"] == "reached its duration 120ba: 75 search steps (counted) + 45 trained"

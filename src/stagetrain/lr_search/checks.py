@@ -94,7 +94,15 @@ def describe_search(stage: Stage) -> str:
     auto = opt.search
     steps = auto.search_steps(horizon(stage))
     counted = "counted" if auto.count_budget else "not counted"
-    return f"search {steps:,} steps ({steps * stage.batch_size:,} samples, {counted})"
+    # The held-out slice is scored at the start and after every trial (fewer when a
+    # candidate diverges): forward passes only, never counted in the stage.
+    field = f"stages[{stage.index}].optimizer.auto.holdout"
+    held = int(holdout_counts(stage, auto, field=field).sum())
+    trials = sum(count for count, _ in auto.rungs(horizon(stage)))
+    return (
+        f"search {steps:,} steps ({steps * stage.batch_size:,} samples, {counted}) "
+        f"+ up to {held * (1 + trials):,} held-out forward samples"
+    )
 
 
 # --- how the search trains and scores ----------------------------------------------------------
