@@ -48,6 +48,18 @@ def test_cli_plan_prints_timeline(capsys) -> None:
     assert "target  1,000–4,000" in out
 
 
+def test_plan_shows_tokens_only_for_data_that_has_them(tiny_config) -> None:
+    """Parity vectors have no tokens: a tokens column equal to the samples one said
+    nothing (found by a user); a stage with a sequence length keeps it."""
+    from stagetrain import parse_config
+
+    header = make_plan(Curriculum(parse_config(tiny_config))).format().splitlines()[1]
+    assert "samples" in header and "tokens" not in header
+    tiny_config["stages"][1]["seq_len"] = 8
+    text = make_plan(Curriculum(parse_config(tiny_config))).format()
+    assert "tokens" in text.splitlines()[1]
+
+
 def test_cli_reports_bad_config_in_one_line(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: []\n")

@@ -52,7 +52,11 @@ class Plan:
 
     def format(self) -> str:
         """A human-readable table (what ``stagetrain plan`` prints)."""
-        header = ["#", "stage", "steps", "samples", "tokens", "batch", "lr start→end", "handoff"]
+        # Data without sequences counts one token per sample: a column equal to the
+        # samples one would say nothing.
+        tokens = any(s.seq_len or s.end_tokens != s.end_samples for s in self.stages)
+        header = ["#", "stage", "steps", "samples", *(["tokens"] if tokens else []), "batch",
+                  "lr start→end", "handoff"]  # fmt: skip
         rows = []
         for s in self.stages:
             up = "up to " if s.up_to else ""
@@ -62,7 +66,7 @@ class Plan:
                     s.name,
                     f"{s.start_step:,}–{up}{s.end_step:,}",
                     f"{s.start_samples:,}–{up}{s.end_samples:,}",
-                    f"{s.start_tokens:,}–{up}{s.end_tokens:,}",
+                    *([f"{s.start_tokens:,}–{up}{s.end_tokens:,}"] if tokens else []),
                     str(s.batch_size) + (f"×{s.seq_len}" if s.seq_len else ""),
                     ("auto ×" if s.lr_auto else "")
                     + f"{s.lr_start:.3g}→{'×' if s.lr_auto else ''}{s.lr_end:.3g}"
