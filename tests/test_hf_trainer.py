@@ -142,17 +142,23 @@ def test_dict_batches_with_causal_lm_labels_train_like_our_loop(
     assert_same_weights(expected, trainer.model)
 
 
-def test_evaluate_shifts_causal_lm_labels(tmp_path: Path) -> None:
-    """``Trainer.evaluate`` on standard causal-LM rows (labels = input_ids) reports the
-    shifted loss, checked against a hand computation (and the model's own loss)."""
-    ids = rows(4, 16, seed=2)
+def evaluated(tmp_path: Path, ids: Any) -> tuple[Any, float]:
+    """A trainer on the two-stage config with causal-LM eval rows (labels = input_ids),
+    and the ``eval_loss`` its ``evaluate()`` reports."""
     trainer = trainer_for(
         build(two_stage()),
         tmp_path,
         per_device_eval_batch_size=4,
         trainer_kwargs={"eval_dataset": [{"input_ids": r, "labels": r.clone()} for r in ids]},
     )
-    reported = trainer.evaluate()["eval_loss"]
+    return trainer, trainer.evaluate()["eval_loss"]
+
+
+def test_evaluate_shifts_causal_lm_labels(tmp_path: Path) -> None:
+    """``Trainer.evaluate`` on standard causal-LM rows (labels = input_ids) reports the
+    shifted loss, checked against a hand computation (and the model's own loss)."""
+    ids = rows(4, 16, seed=2)
+    trainer, reported = evaluated(tmp_path, ids)
     model = trainer.model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -168,13 +174,7 @@ def test_evaluate_pads_rows_of_different_lengths(tmp_path: Path) -> None:
     in training, and the padding is not in the loss (one batch: its token mean)."""
     lengths = [5, 9, 16, 12]
     ids = [rows(1, n, seed=10 + n)[0] for n in lengths]
-    trainer = trainer_for(
-        build(two_stage()),
-        tmp_path,
-        per_device_eval_batch_size=4,
-        trainer_kwargs={"eval_dataset": [{"input_ids": r, "labels": r.clone()} for r in ids]},
-    )
-    reported = trainer.evaluate()["eval_loss"]
+    trainer, reported = evaluated(tmp_path, ids)
     model = trainer.model.eval()
     total, count = 0.0, 0
     with torch.no_grad():

@@ -92,13 +92,14 @@ def describe_search(stage: Stage) -> str:
     if opt is None or not opt.is_auto:
         return ""
     auto = opt.search
-    steps = auto.search_steps(horizon(stage))
+    stage_steps = horizon(stage)
+    steps = auto.search_steps(stage_steps)
     counted = "counted" if auto.count_budget else "not counted"
     # The held-out slice is scored at the start and after every trial (fewer when a
     # candidate diverges): forward passes only, never counted in the stage.
     field = f"stages[{stage.index}].optimizer.auto.holdout"
     held = int(holdout_counts(stage, auto, field=field).sum())
-    trials = sum(count for count, _ in auto.rungs(horizon(stage)))
+    trials = sum(count for count, _ in auto.rungs(stage_steps))
     return (
         f"search {steps:,} steps ({steps * stage.batch_size:,} samples, {counted}) "
         f"+ up to {held * (1 + trials):,} held-out forward samples"
