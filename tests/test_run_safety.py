@@ -145,8 +145,13 @@ def test_resuming_a_finished_run_keeps_its_summary_byte_for_byte(tmp_path: Path)
 def test_a_signal_writes_a_checkpoint_and_exits_with_its_code(
     tmp_path: Path, sig: signal.Signals, code: int
 ) -> None:
-    config = long_run(tmp_path, steps=400)
-    run = ["run", str(config), "--no-progress"]
+    # No scheduled checkpoint between the first stage's end (step 30) and the run's end
+    # (430): any checkpoint in between can only be the one the signal wrote. (With one
+    # every 100 steps, a signal landing on step 100 made the two indistinguishable.)
+    settings = tiny_config_dict()
+    settings["stages"][1]["duration"] = "400ba"
+    settings["checkpoint"] = {"every": "1000ba", "keep": 2}
+    run = ["run", str(write(tmp_path, settings)), "--no-progress"]
     assert cli(*run, "--run-dir", str(tmp_path / "full")).returncode == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "stagetrain.cli", *run, "--run-dir", str(tmp_path / "cut")],
@@ -160,7 +165,8 @@ def test_a_signal_writes_a_checkpoint_and_exits_with_its_code(
     state = json.loads(
         sorted((tmp_path / "cut" / "checkpoints").glob("ckpt-*.json"))[-1].read_text()
     )["state"]
-    assert 60 <= state["step"] < 430 and state["step"] % 100  # a step, not a scheduled one
+    assert 60 <= state["step"] < 430, state
+    assert f"stopped by {sig.name} at step {state['step']:,} " in err, err[-2000:]
     resumed = cli(*run, "--run-dir", str(tmp_path / "cut"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for key, value in weights(tmp_path / "full", 430).items():
