@@ -11,7 +11,10 @@ Arms (each from the recipe's config; same model, optimizer, batch size and token
 * ``long-only``: the same two stages, both at context 256 (what the short context buys);
 * ``mix``: one stage at context 256 on the curriculum's overall token mixture (code share
   ``(T1 + 0.3 T2) / (T1 + T2)``), with the same LR shape over tokens as one WSD schedule
-  (warmup, stable, linear decay over the last ``T2 / (T1 + T2)``): what the staging buys.
+  (warmup, stable, linear decay over the last ``T2 / (T1 + T2)``): what the staging buys;
+* ``same-steps``: long-only with stage 1's batch cut by the context ratio (32 x 64 and
+  8 x 256 tokens per step), so stage 1 takes the curriculum's optimizer steps: a control
+  for the curriculum's 4x more (smaller) updates at an equal token budget.
 
 These are not the arms :mod:`stagetrain.arms` derives (those keep every stage's length
 and LR and change only its data); they are written here, so the comparison directory
@@ -71,11 +74,11 @@ from stagetrain.workers import default_threads
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 METRICS = ("val_docs.loss", "val_code.loss")
-BASELINES = ("long-only", "mix")
 ARM_TEXT = {
     "curriculum": "the recipe as declared",
     "long-only": "both stages at context 256",
     "mix": "one stage at 256 on the overall token mixture, WSD over tokens",
+    "same-steps": "long-only with stage 1's batch a quarter (the curriculum's stage-1 steps)",
 }
 
 
@@ -109,7 +112,12 @@ def arm_configs(config: dict[str, Any]) -> dict[str, CurriculumConfig]:
     mix = copy.deepcopy(config)
     mix["stages"] = [{"name": "mix", "duration": f"{int(t1 + t2)}tok", "seq_len": long,
                       "data": {"sources": [code_source, docs]}, "optimizer": optimizer}]  # fmt: skip
-    arms = {"curriculum": config, "long-only": long_only, "mix": mix}
+    same_steps = copy.deepcopy(long_only)
+    batch = general.get("batch_size", config["batch_size"])
+    if batch * general["seq_len"] % long:
+        raise SystemExit(f"stage 1's batch {batch} x {general['seq_len']} is not whole at {long}")
+    same_steps["stages"][0]["batch_size"] = batch * general["seq_len"] // long
+    arms = {"curriculum": config, "long-only": long_only, "mix": mix, "same-steps": same_steps}
     return {name: parse_config(arm, source=f"arm {name}") for name, arm in arms.items()}
 
 
@@ -137,16 +145,22 @@ def build_spec(configs: Mapping[str, CurriculumConfig], seeds: int) -> CompareSp
 
 
 def write_comparison(out: Path, configs: Mapping[str, CurriculumConfig], spec: CompareSpec) -> None:
-    """The directory `stagetrain compare` would write, with our three arms."""
+    """The directory `stagetrain compare` would write, with our arms.
+
+    An existing directory is reused when its runs stay valid: more or fewer seeds (seed i
+    is seed i), and arms added beside arms whose definitions did not change."""
     spec_path = out / "compare.json"
     if spec_path.exists():
         old = CompareSpec.from_file(spec_path)
-        # more or fewer seeds of the same arms reuse the runs both have (seed i is seed i)
         shared = min(len(old.seeds), len(spec.seeds))
         same_seeds = old.seeds[:shared] == spec.seeds[:shared]
         same_data = old.data_seeds[:shared] == spec.data_seeds[:shared]
-        if old.fingerprint != spec.fingerprint or not (same_seeds and same_data):
+        if not (same_seeds and same_data) or not set(old.arms) <= set(configs):
             raise SystemExit(f"{out} holds another comparison; remove it")
+        for name in old.arms:
+            stored = yaml.safe_load((out / "arms" / f"{name}.yaml").read_text())
+            if parse_config(stored).fingerprint() != configs[name].fingerprint():
+                raise SystemExit(f"{out} holds another comparison (arm {name} differs); remove it")
     (out / "arms").mkdir(parents=True, exist_ok=True)
     for name, arm in configs.items():
         text = yaml.safe_dump(arm.to_dict(), sort_keys=False)
@@ -264,10 +278,12 @@ def tables(data: dict[str, Any]) -> str:
 
 def render(data: dict[str, Any]) -> str:
     """``results/llm[-quick].md`` from ``results/llm[-quick].json``."""
-    arms = "; ".join(f"{k}: {v}" for k, v in ARM_TEXT.items())
+    ran = next(iter(data["metrics"].values()))
+    arms = "; ".join(f"{k}: {ARM_TEXT[k]}" for k in ran)
     return (f"### llm-two-stage ({'quick' if data['quick'] else 'full'})\n\n"
             f"Command: `{data['command']}` ({data['elapsed_s'] / 60:.1f} min including data "
-            f"preparation); config `{data['config']}`, seeds {data['seeds']} (data seeds "
+            f"preparation; a rerun skips finished runs, and the runs' own clocks add up to "
+            f"{sum(map(sum, data['wall_s'].values())) / 60:.0f} min); config `{data['config']}`, seeds {data['seeds']} (data seeds "
             f"{data['data_seeds']}); arms: {arms}.\n\n" + tables(data)
             + f"\n\nMachine: {data['machine']}.\n")  # fmt: skip
 

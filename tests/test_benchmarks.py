@@ -15,6 +15,7 @@ import yaml
 
 from stagetrain.compare import CompareSpec, run_all
 from stagetrain.config import CurriculumConfig
+from stagetrain.time import Duration
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -56,8 +57,8 @@ def quick_arms() -> tuple[ModuleType, dict[str, CurriculumConfig]]:
 
 def test_llm_arms_from_the_quick_recipe() -> None:
     _, arms = quick_arms()
-    assert list(arms) == ["curriculum", "long-only", "mix"]
-    curriculum, long_only, mix = arms.values()
+    assert list(arms) == ["curriculum", "long-only", "mix", "same-steps"]
+    curriculum, long_only, mix, same_steps = arms.values()
     assert [s.seq_len for s in curriculum.stages] == [64, 256]
     assert [s.seq_len for s in long_only.stages] == [256, 256]
     # long-only changes the context only: the same stages, lengths and optimizers
@@ -67,6 +68,17 @@ def test_llm_arms_from_the_quick_recipe() -> None:
             theirs.duration,
             theirs.optimizer,
         )
+    # same-steps: long-only with stage 1's batch cut to a quarter, so that stage 1 takes
+    # the curriculum's optimizer steps (32 x 64 = 8 x 256 tokens per step)
+    assert [s.seq_len for s in same_steps.stages] == [256, 256]
+    assert same_steps.stages[0].batch_size == 8 and same_steps.stages[1].batch_size is None
+    steps = [
+        Duration.parse(s.duration).value / ((s.batch_size or arm.batch_size) * (s.seq_len or 0))
+        for arm in (curriculum, same_steps)
+        for s in arm.stages[:1]
+    ]
+    assert steps[0] == steps[1]
+    assert same_steps.stages[0].optimizer == curriculum.stages[0].optimizer
     (stage,) = mix.stages
     assert stage.seq_len == 256 and stage.optimizer is not None
     assert stage.optimizer.schedule is not None and stage.optimizer.schedule.kind == "wsd"
@@ -82,7 +94,7 @@ def test_llm_comparison_description_fits_run_all() -> None:
     llm, arms = quick_arms()
     spec = llm.build_spec(arms, 3)
     assert isinstance(spec, CompareSpec)
-    assert spec.arms == ["curriculum", "long-only", "mix"]
+    assert spec.arms == ["curriculum", "long-only", "mix", "same-steps"]
     assert spec.seeds == spec.init_seeds == [0, 1, 2] and spec.data_seeds == [0, 1, 2]
     assert {"val_docs.loss", "val_code.loss"} <= set(spec.metrics)
     # another arm definition is another comparison
@@ -104,6 +116,20 @@ def test_llm_comparison_directory_takes_more_seeds_of_the_same_arms(tmp_path: Pa
     other = dict(arms, mix=arms["long-only"])
     with pytest.raises(SystemExit, match="holds another comparison"):
         llm.write_comparison(tmp_path, other, llm.build_spec(other, 3))
+
+
+def test_llm_comparison_directory_takes_a_new_arm_beside_the_same_ones(tmp_path: Path) -> None:
+    llm, arms = quick_arms()
+    fewer = {k: v for k, v in arms.items() if k != "same-steps"}
+    llm.write_comparison(tmp_path, fewer, llm.build_spec(fewer, 5))
+    # the three arms' runs stay valid: a fourth arm is added beside them
+    llm.write_comparison(tmp_path, arms, llm.build_spec(arms, 5))
+    assert CompareSpec.from_file(tmp_path / "compare.json").arms == list(arms)
+    assert (tmp_path / "arms" / "same-steps.yaml").exists()
+    # but an arm of the same name with another definition is another comparison
+    changed = dict(arms, **{"same-steps": arms["long-only"]})
+    with pytest.raises(SystemExit, match="arm same-steps"):
+        llm.write_comparison(tmp_path, changed, llm.build_spec(changed, 5))
 
 
 def test_llm_tables_from_per_seed_values() -> None:

@@ -87,6 +87,9 @@ def test_previous_handlers_are_restored() -> None:
         pass
 
     previous = signal.signal(signal.SIGTERM, mine)
+    # Python's default_int_handler, or SIG_IGN when the suite was started in the background
+    # of a non-interactive shell (nohup ... &), which ignores SIGINT for its children
+    sigint_before = signal.getsignal(signal.SIGINT)
     try:
         with graceful_shutdown(announce=False) as stop:
             assert signal.getsignal(signal.SIGTERM) is not mine
@@ -94,7 +97,7 @@ def test_previous_handlers_are_restored() -> None:
             signal.raise_signal(signal.SIGTERM)
             assert stop.requested and stop.signal_name == "SIGTERM" and stop.exit_code == 143
         assert signal.getsignal(signal.SIGTERM) is mine
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint_before
     finally:
         signal.signal(signal.SIGTERM, previous)
 
