@@ -5,6 +5,8 @@
 # machines; older CPU wheels are not on PyPI), and the heavy integration extras
 # (transformers, accelerate, lightning, keras, datasets) are tested at their current
 # releases in the main environment only: their tests skip here.
+#   bash scripts/check_floors.sh                  # install (if needed), then test
+#   bash scripts/check_floors.sh --install-only   # only the environment (CI does this early)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,5 +19,8 @@ fi
   "matplotlib==3.9.0" "scipy==1.10.1" "scikit-learn==1.3.0" "tensorboard==2.12.0" \
   "pytest>=7" "hypothesis>=6" "psutil>=5"
 .venv-floors/bin/pip install -q --no-deps -e .
+if [ "${1:-}" = "--install-only" ]; then
+  exit 0
+fi
 # CI=1 would make the missing heavy extras errors: here they are meant to be absent.
 env -u CI .venv-floors/bin/python -m pytest -q -m "not slow" -p no:cacheprovider

@@ -69,6 +69,22 @@ def wait_for(log: Path, step: int, timeout: float = 120) -> None:
     raise AssertionError(f"{log} never reached step {step}")
 
 
+def stop_at(config: Path, run_dir: Path, step: int) -> None:
+    """Train ``config`` into ``run_dir`` in a fresh process, stopped cleanly after ``step``
+    (``helpers_for_tests.StopAt``)."""
+    cut = subprocess.run(
+        [sys.executable, "-c", (
+            f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+            "from helpers_for_tests import StopAt\n"
+            "import stagetrain\n"
+            f"c = stagetrain.Curriculum.from_file({str(config)!r})\n"
+            f"stagetrain.fit(c.build_model(), c, run_dir={str(run_dir)!r}, progress=False, callbacks=[StopAt({step})])"
+        )],
+        env=env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cut.returncode == 0, cut.stderr[-2000:]
+
+
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     path = run / "checkpoints" / f"ckpt-{step:08d}.pt"
     return torch.load(path, weights_only=True)["model"]  # type: ignore[no-any-return]
@@ -108,17 +124,7 @@ def test_auto_resume_without_a_manifest_continues_exactly(tmp_path: Path) -> Non
     )
     stop = write(tmp_path, {**copy.deepcopy(config), "name": "tiny"}, "stop.yaml")
     # a run cut at step 45 (checkpoints at 10, 20, 30 (boundary), 40), manifest then lost
-    cut = subprocess.run(
-        [sys.executable, "-c", (
-            "import sys; sys.path.insert(0, {!r})\n"
-            "from helpers_for_tests import StopAt\n"
-            "import stagetrain\n"
-            "c = stagetrain.Curriculum.from_file({!r})\n"
-            "stagetrain.fit(c.build_model(), c, run_dir={!r}, progress=False, callbacks=[StopAt(45)])"
-        ).format(str(TESTS), str(stop), str(tmp_path / "cut"))],
-        env=env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert cut.returncode == 0, cut.stderr[-2000:]
+    stop_at(stop, tmp_path / "cut", 45)
     (tmp_path / "cut" / "checkpoints" / "manifest.json").unlink()
     resumed = cli("run", str(path), "--run-dir", str(tmp_path / "cut"), "--auto-resume",
                   "--no-progress")  # fmt: skip
@@ -180,21 +186,9 @@ def test_a_signal_writes_a_checkpoint_and_exits_with_its_code(
 def test_keep_position_refuses_an_incompatible_change_before_writing(
     tmp_path: Path, change: str
 ) -> None:
-    from helpers_for_tests import StopAt  # noqa: F401  (imported by the probe below)
-
     config = tiny_config_dict()
     path = write(tmp_path, config)
-    cut = subprocess.run(
-        [sys.executable, "-c", (
-            "import sys; sys.path.insert(0, {!r})\n"
-            "from helpers_for_tests import StopAt\n"
-            "import stagetrain\n"
-            "c = stagetrain.Curriculum.from_file({!r})\n"
-            "stagetrain.fit(c.build_model(), c, run_dir={!r}, progress=False, callbacks=[StopAt(45)])"
-        ).format(str(TESTS), str(path), str(tmp_path / "r"))],
-        env=env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert cut.returncode == 0, cut.stderr[-2000:]
+    stop_at(path, tmp_path / "r", 45)
     saved = (tmp_path / "r" / "config.yaml").read_bytes()
     changed = copy.deepcopy(config)
     if change == "architecture":
