@@ -17,7 +17,7 @@ fi
 .venv-floors/bin/pip install -q \
   "numpy==1.24.4" "pydantic==2.5.0" "pyyaml==6.0.1" "tqdm==4.60.0" "safetensors==0.4.0" \
   "matplotlib==3.9.0" "scipy==1.10.1" "scikit-learn==1.3.0" "tensorboard==2.12.0" \
-  "pytest>=7" "hypothesis>=6" "psutil>=5"
+  "pytest>=7" "pytest-xdist>=3.5" "hypothesis>=6" "psutil>=5"
 .venv-floors/bin/pip install -q --no-deps -e .
 if [ "${1:-}" = "--install-only" ]; then
   exit 0
