@@ -4,7 +4,8 @@
     python benchmarks/llm.py --quick [--jobs 1]         # the quick variant, 2 seeds
     python benchmarks/llm.py --render                   # rewrite results/llm.md from llm.json
 
-Arms (each from the recipe's config; same model, optimizer, batch size and tokens):
+Arms (each from the recipe's config; same model, optimizer and tokens, and the same batch
+size except in ``same-steps``' first stage):
 
 * ``curriculum``: as declared: stage 1 code at context 64 (warmup, constant LR), stage 2
   70 % docs / 30 % code replay at context 256 (LR decaying linearly to 0);
