@@ -53,10 +53,10 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def long_run(tmp_path: Path, steps: int = 3000) -> Path:
+def long_run(tmp_path: Path, steps: int = 3000, every: str = "100ba") -> Path:
     config = tiny_config_dict()
     config["stages"][1]["duration"] = f"{steps}ba"
-    config["checkpoint"] = {"every": "100ba", "keep": 2}
+    config["checkpoint"] = {"every": every, "keep": 2}
     return write(tmp_path, config)
 
 
@@ -154,10 +154,8 @@ def test_a_signal_writes_a_checkpoint_and_exits_with_its_code(
     # No scheduled checkpoint between the first stage's end (step 30) and the run's end
     # (430): any checkpoint in between can only be the one the signal wrote. (With one
     # every 100 steps, a signal landing on step 100 made the two indistinguishable.)
-    settings = tiny_config_dict()
-    settings["stages"][1]["duration"] = "400ba"
-    settings["checkpoint"] = {"every": "1000ba", "keep": 2}
-    run = ["run", str(write(tmp_path, settings)), "--no-progress"]
+    config = long_run(tmp_path, steps=400, every="1000ba")
+    run = ["run", str(config), "--no-progress"]
     assert cli(*run, "--run-dir", str(tmp_path / "full")).returncode == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "stagetrain.cli", *run, "--run-dir", str(tmp_path / "cut")],
